@@ -1,0 +1,72 @@
+"""``Decision``: the one answer the core gives, and its step trace."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from pdp.reasons import Reason
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of the pipeline: its name, whether it passed, and what it found."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Allow or deny, with everything an adapter needs to render it.
+
+    ``headers`` are added to the request sent upstream, ``headers_to_remove``
+    are stripped from it, ``response_headers`` go to the client (on a deny:
+    ``WWW-Authenticate``). ``message`` and ``steps`` explain the decision to
+    operators; ``reason`` is the stable code callers and metrics see.
+    """
+
+    decision_id: str
+    allowed: bool
+    status: int
+    reason: str
+    message: str
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    headers_to_remove: tuple[str, ...] = ()
+    response_headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    body: str = ""
+    steps: tuple[Step, ...] = ()
+    #: Facts for access logs (Envoy dynamic metadata): verified identity, never credentials.
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    #: Set when the decision came from a credential check, not the policy.
+    reason_info: Reason | None = None
+
+    def explanation(self) -> dict[str, Any]:
+        return {
+            "decision_id": self.decision_id,
+            "allowed": self.allowed,
+            "reason": self.reason,
+            "message": self.message,
+            "steps": [s.as_dict() for s in self.steps],
+        }
+
+
+def new_decision_id() -> str:
+    """A time-ordered 128-bit id in UUID text form (48-bit milliseconds, then random bits, as UUIDv7)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | rand
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -1,0 +1,106 @@
+"""Stable reason codes for every decision pdp makes.
+
+A reason code names *why* a request was allowed or denied. Codes are stable
+strings (they appear in logs, metrics, Envoy dynamic metadata and policy
+input), and each one knows how it is shown to an HTTP client: the status, the
+RFC 6750 ``error`` code of the ``WWW-Authenticate`` challenge (if any) and
+whether the denial is about the token (a ``Bearer`` challenge) or about the
+connection (no challenge, 403).
+
+Reasons produced by the core for *invalid* credentials can never be turned
+into an allow by a policy; reasons a policy returns are free-form strings, and
+the ones listed here with ``source="policy"`` are simply well known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One reason code and how it is rendered to a client."""
+
+    code: str
+    status: int
+    #: RFC 6750 §3.1 error code for the Bearer challenge, or None for no error code.
+    oauth_error: str | None = None
+    #: Send a ``WWW-Authenticate: Bearer`` challenge with the denial.
+    challenge: bool = False
+    #: A short, safe description for callers (never contains credential material).
+    description: str = ""
+
+
+def _r(code: str, status: int, oauth_error: str | None = None, challenge: bool = False,
+       description: str = "") -> Reason:
+    return Reason(code, status, oauth_error, challenge, description)
+
+
+ALLOWED = _r("allowed", 200, description="request allowed")
+
+# -- the request itself
+REQUEST_INVALID = _r("request_invalid", 400, description="the request is malformed")
+REQUEST_TOO_LARGE = _r("request_too_large", 431, description="request headers are too large")
+
+# -- client certificate (connection identity): no Bearer challenge, the token is not at fault
+CERT_MALFORMED = _r("cert_malformed", 403, description="the client certificate could not be parsed")
+CERT_UNTRUSTED = _r("cert_untrusted", 403, description="the client certificate is not trusted")
+CERT_EXPIRED = _r("cert_expired", 403, description="the client certificate has expired")
+CERT_NOT_YET_VALID = _r("cert_not_yet_valid", 403, description="the client certificate is not yet valid")
+CERT_SPIFFE_INVALID = _r("cert_spiffe_invalid", 403,
+                         description="the client certificate has an invalid SPIFFE ID")
+
+# -- access token (RFC 6750 invalid_token unless said otherwise)
+TOKEN_MALFORMED = _r("token_malformed", 401, "invalid_token", True, "the access token is malformed")
+TOKEN_SCHEME_UNSUPPORTED = _r("token_scheme_unsupported", 401, "invalid_request", True,
+                              "the authorization scheme is not supported")
+TOKEN_TYPE_INVALID = _r("token_type_invalid", 401, "invalid_token", True,
+                        "the token is not an access token of an accepted type")
+TOKEN_ALG_NOT_ALLOWED = _r("token_alg_not_allowed", 401, "invalid_token", True,
+                           "the token's signing algorithm is not allowed")
+TOKEN_ISSUER_UNKNOWN = _r("token_issuer_unknown", 401, "invalid_token", True,
+                          "the token's issuer is not trusted")
+TOKEN_KEY_UNKNOWN = _r("token_key_unknown", 401, "invalid_token", True,
+                       "the token's signing key is unknown")
+TOKEN_SIGNATURE_INVALID = _r("token_signature_invalid", 401, "invalid_token", True,
+                             "the token's signature is invalid")
+TOKEN_EXPIRED = _r("token_expired", 401, "invalid_token", True, "the access token expired")
+TOKEN_NOT_YET_VALID = _r("token_not_yet_valid", 401, "invalid_token", True,
+                         "the access token is not yet valid")
+TOKEN_AUDIENCE_INVALID = _r("token_audience_invalid", 401, "invalid_token", True,
+                            "the access token is not meant for this audience")
+TOKEN_CLAIMS_INVALID = _r("token_claims_invalid", 401, "invalid_token", True,
+                          "the access token's claims are invalid")
+TOKEN_UNBOUND = _r("token_unbound", 401, "invalid_token", True,
+                   "the access token is not bound to the client certificate")
+JWKS_UNAVAILABLE = _r("jwks_unavailable", 503, description="the issuer's keys cannot be fetched")
+
+# -- RFC 8705 binding
+BINDING_MISMATCH = _r("binding_mismatch", 401, "invalid_token", True,
+                      "the access token is bound to another certificate")
+BINDING_CERT_MISSING = _r("binding_cert_missing", 401, "invalid_token", True,
+                          "the access token is certificate-bound but no client certificate was presented")
+BINDING_DPOP_REQUIRED = _r("binding_dpop_required", 401, "invalid_token", True,
+                           "the access token is DPoP-bound and needs a DPoP proof")
+
+# -- policy
+POLICY_DENIED = _r("policy_denied", 403, description="denied by policy")
+POLICY_ERROR = _r("policy_error", 403, description="the policy could not be evaluated")
+TOKEN_REQUIRED = _r("token_required", 401, None, True, "an access token is required")
+CERT_REQUIRED = _r("cert_required", 403, description="a client certificate is required")
+SCOPE_INSUFFICIENT = _r("insufficient_scope", 403, "insufficient_scope", True,
+                        "the access token lacks the required scope")
+SPIFFE_ID_DENIED = _r("spiffe_id_denied", 403, description="this client identity may not access this path")
+
+INTERNAL_ERROR = _r("internal_error", 403, description="the decision failed; denied")
+
+_BY_CODE: dict[str, Reason] = {r.code: r for r in list(globals().values()) if isinstance(r, Reason)}
+
+
+def by_code(code: str, default: Reason = POLICY_DENIED) -> Reason:
+    """The registered reason for ``code``; unknown policy reasons render like ``default``."""
+    return _BY_CODE.get(code, default)
+
+
+def all_reasons() -> tuple[Reason, ...]:
+    return tuple(_BY_CODE.values())
