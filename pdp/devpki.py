@@ -1,0 +1,177 @@
+"""A small PKI and token issuer for development and tests: real keys, real certificates, real tokens.
+
+``pdp dev init`` uses it to write a working setup; anyone can use it to mint
+more client certificates and bound tokens for their own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pdp.jose import b64url_encode
+from pdp.rfc8705 import thumbprint
+
+PrivateKey = ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: x509.Certificate
+    key: PrivateKey
+
+    @property
+    def der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+    @property
+    def thumbprint(self) -> str:
+        return thumbprint(self.der)
+
+
+def new_key() -> PrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def make_ca(name: str = "pdp dev CA", *, key: PrivateKey | None = None, issuer: Issued | None = None,
+            days: int = 3650, path_length: int | None = None,
+            not_before: datetime | None = None) -> Issued:
+    """A root CA (``issuer`` None) or an intermediate CA signed by ``issuer``."""
+    key = key or new_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pdp dev"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    start = not_before or _now() - timedelta(minutes=5)
+    signer_key = issuer.key if issuer else key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
+    return Issued(builder.sign(signer_key, hashes.SHA256()), key)
+
+
+def make_client(ca: Issued, *, spiffe_id: str | None = "spiffe://example.org/demo/client",
+                common_name: str = "demo client", organizational_unit: str | None = None,
+                dns: tuple[str, ...] = (), uris: tuple[str, ...] = (), emails: tuple[str, ...] = (),
+                days: int = 365, not_before: datetime | None = None, client_auth: bool = True,
+                key: PrivateKey | None = None) -> Issued:
+    """A client (end-entity) certificate signed by ``ca``, with a SPIFFE ID URI SAN by default."""
+    key = key or new_key()
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pdp dev")]
+    if organizational_unit:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizational_unit))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    all_uris = ((spiffe_id,) if spiffe_id else ()) + uris
+    names += [x509.UniformResourceIdentifier(u) for u in all_uris]
+    names += [x509.RFC822Name(e) for e in emails]
+    start = not_before or _now() - timedelta(minutes=5)
+    eku = ExtendedKeyUsageOID.CLIENT_AUTH if client_auth else ExtendedKeyUsageOID.SERVER_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+@dataclass(frozen=True)
+class TokenIssuer:
+    """An OAuth authorization server's signing key, its JWKS and a minting function."""
+
+    issuer: str
+    key: PrivateKey
+    kid: str
+
+    @classmethod
+    def generate(cls, issuer: str = "https://issuer.example.org", kid: str | None = None) -> TokenIssuer:
+        return cls(issuer, new_key(), kid or uuid.uuid4().hex[:16])
+
+    @property
+    def jwk(self) -> dict[str, Any]:
+        nums = self.key.public_key().public_numbers()
+        return {"kty": "EC", "crv": "P-256", "kid": self.kid, "use": "sig", "alg": "ES256",
+                "x": b64url_encode(nums.x.to_bytes(32, "big")), "y": b64url_encode(nums.y.to_bytes(32, "big"))}
+
+    @property
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [self.jwk]}
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+    def mint(self, *, audience: str | list[str] = "https://api.example.org", subject: str = "demo-user",
+             client_id: str = "demo-client", scope: str = "read", bound_to: Issued | None = None,
+             lifetime: int = 3600, now: float | None = None, typ: str = "at+jwt",
+             extra: dict[str, Any] | None = None, headers: dict[str, Any] | None = None) -> str:
+        """An RFC 9068 access token; ``bound_to`` adds ``cnf.x5t#S256`` for that certificate."""
+        iat = int(now if now is not None else time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer, "sub": subject, "aud": audience, "client_id": client_id, "scope": scope,
+            "iat": iat, "nbf": iat, "exp": iat + lifetime, "jti": uuid.uuid4().hex,
+        }
+        if bound_to is not None:
+            claims["cnf"] = {"x5t#S256": bound_to.thumbprint}
+        claims.update(extra or {})
+        header = {"typ": typ, "kid": self.kid, **(headers or {})}
+        return jwt.encode(claims, self.key, algorithm="ES256", headers=header)
+
+
+def load_private_key(pem: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("expected an EC private key")
+    return key
+
+
+def dumps_jwks(jwks: dict[str, Any]) -> str:
+    return json.dumps(jwks, indent=2) + "\n"

@@ -1,0 +1,141 @@
+"""Client certificate chains → a verified ``CertIdentity``.
+
+Chains are validated by ``cryptography.x509.verification``'s client verifier
+(signature, validity at the request's time, EKU ``clientAuth``, basic
+constraints and path length) against one or more trust bundles. A bundle may
+be pinned to a SPIFFE trust domain: it then vouches only for certificates
+whose SPIFFE ID is in that domain, so one federated domain's CA cannot mint
+identities for another.
+
+Verified chains are cached by the leaf's SHA-256, never past the earliest
+``not_after`` in the verified chain, so a returning client costs one hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from pdp import reasons
+from pdp.cache import ExpiringCache
+from pdp.errors import Denied, LoadError
+from pdp.identity import CertIdentity, extract_identity, spiffe_of
+from pdp.pem import PemError, pem_to_der_chain
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    name: str
+    roots: tuple[x509.Certificate, ...]
+    trust_domain: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_store", Store(list(self.roots)))
+
+    @property
+    def store(self) -> Store:
+        store: Store = object.__getattribute__(self, "_store")
+        return store
+
+    def vouches_for(self, trust_domain: str | None) -> bool:
+        return self.trust_domain is None or self.trust_domain == trust_domain
+
+
+def load_bundle(path: Path, name: str, trust_domain: str | None, key: str) -> TrustBundle:
+    """Load a PEM file of root certificates; ``key`` names the setting for errors."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LoadError(key, f"cannot read trust bundle {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        roots = tuple(x509.load_der_x509_certificate(der) for der in pem_to_der_chain(data))
+    except (PemError, ValueError) as exc:
+        raise LoadError(key, f"trust bundle {str(path)!r} is not a PEM list of certificates: {exc}") from exc
+    return TrustBundle(name=name, roots=roots, trust_domain=trust_domain)
+
+
+# Web PKI rules for CAs; for the client leaf the same, except that a SAN is optional: many
+# enterprise client certificates name their holder only in the subject DN.
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+
+
+class ChainVerifier:
+    def __init__(self, bundles: list[TrustBundle], *, max_chain_depth: int = 4, cache_size: int = 10_000,
+                 max_cache_seconds: float = 3600.0) -> None:
+        self.bundles = bundles
+        self._max_depth = max_chain_depth
+        self._max_cache = max_cache_seconds
+        self._cache: ExpiringCache[bytes, CertIdentity] = ExpiringCache(cache_size)
+
+    def verify(self, chain: tuple[bytes, ...], now: float) -> CertIdentity:
+        if not chain:
+            raise Denied(reasons.CERT_MALFORMED, "empty certificate chain")
+        key = hashlib.sha256(chain[0]).digest()
+        cached = self._cache.get(key, now)
+        if cached is not None and cached.not_before <= now:
+            return cached
+        identity, expires = self._verify_uncached(chain, now)
+        self._cache.put(key, identity, min(expires, now + self._max_cache))
+        return identity
+
+    def _verify_uncached(self, chain: tuple[bytes, ...], now: float) -> tuple[CertIdentity, float]:
+        try:
+            certs = [x509.load_der_x509_certificate(der) for der in chain]
+        except ValueError as exc:
+            raise Denied(reasons.CERT_MALFORMED, f"not a DER X.509 certificate: {exc}") from exc
+        leaf = certs[0]
+        try:
+            not_before = leaf.not_valid_before_utc.timestamp()
+            not_after = leaf.not_valid_after_utc.timestamp()
+            uris = tuple(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                         .value.get_values_for_type(x509.UniformResourceIdentifier))
+        except x509.ExtensionNotFound:
+            uris = ()
+        except ValueError as exc:  # malformed extensions are only parsed on access
+            raise Denied(reasons.CERT_MALFORMED, f"unparseable certificate extension: {exc}") from exc
+        if now < not_before:
+            raise Denied(reasons.CERT_NOT_YET_VALID, f"the client certificate is valid from {int(not_before)}")
+        if now >= not_after:
+            raise Denied(reasons.CERT_EXPIRED, f"the client certificate expired at {int(not_after)}")
+        _, trust_domain = spiffe_of(uris)
+        bundles = [b for b in self.bundles if b.vouches_for(trust_domain)]
+        if not bundles:
+            raise Denied(reasons.CERT_UNTRUSTED,
+                         f"no trust bundle is configured for trust domain {trust_domain!r}"
+                         if trust_domain else "no trust bundle is configured")
+        when = datetime.fromtimestamp(now, UTC)
+        errors: list[str] = []
+        for bundle in bundles:
+            verifier = (PolicyBuilder().store(bundle.store).time(when)
+                        .max_chain_depth(self._max_depth)
+                        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+                        .build_client_verifier())
+            try:
+                verified = verifier.verify(leaf, certs[1:])
+            except VerificationError as exc:
+                errors.append(f"{bundle.name}: {exc}")
+                continue
+            except ValueError as exc:
+                raise Denied(reasons.CERT_MALFORMED, f"certificate could not be processed: {exc}") from exc
+            identity = extract_identity(leaf, chain[0], verified.chain, bundle.name)
+            expires = min(c.not_valid_after_utc.timestamp() for c in verified.chain)
+            return identity, expires
+        raise Denied(reasons.CERT_UNTRUSTED, "; ".join(errors))
+
+    def replace_bundles(self, bundles: list[TrustBundle]) -> None:
+        """Put new trust bundles in force; identities verified under the old ones are forgotten."""
+        self.bundles = bundles
+        self._cache.clear()
