@@ -1,0 +1,152 @@
+"""Policies: a compiled set of Rego modules plus data, behind one small interface.
+
+A ``PolicyBundle`` is what was loaded (module sources, the merged data
+document, the entrypoint, a version hash). A ``PolicyEngine`` evaluates it.
+Engines are compiled once per bundle version; because neither Rego engine's
+objects may be shared between threads (regorus refuses it, regopy keeps the
+input as interpreter state), each thread gets its own compiled copy on first
+use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pdp.errors import LoadError
+
+ENGINES = ("regopy", "regorus")
+
+
+class PolicyEvalError(RuntimeError):
+    """The policy raised an error while being evaluated (conflict, builtin error, bad entrypoint)."""
+
+
+class Undefined:
+    """The entrypoint produced no value for this input."""
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+
+UNDEFINED = Undefined()
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    modules: tuple[tuple[str, str], ...]
+    data: dict[str, Any] = field(hash=False)
+    entrypoint: str = "data.pdp.authz.result"
+    engine: str = "regopy"
+
+    @property
+    def version(self) -> str:
+        h = hashlib.sha256()
+        for name, source in self.modules:
+            h.update(name.encode() + b"\0" + source.encode() + b"\0")
+        h.update(json.dumps(self.data, sort_keys=True).encode())
+        h.update(self.entrypoint.encode() + b"\0" + self.engine.encode())
+        return h.hexdigest()[:16]
+
+
+def entrypoint_query(path: str) -> str:
+    """``pdp/authz/result`` (opa-envoy-plugin's ``path`` style) or ``data.pdp.authz.result`` → a data ref."""
+    path = path.strip()
+    if path.startswith("data."):
+        return path
+    return "data." + ".".join(p for p in path.strip("/").split("/") if p)
+
+
+def _merge(target: dict[str, Any], doc: dict[str, Any], where: str, origin: dict[str, str],
+           prefix: str = "") -> None:
+    for key, value in doc.items():
+        dotted = f"{prefix}{key}"
+        if key in target:
+            if isinstance(target[key], dict) and isinstance(value, dict):
+                _merge(target[key], value, where, origin, dotted + ".")
+                continue
+            raise LoadError("policy.paths", f"data key {dotted!r} is set by both {origin[dotted]} and {where}")
+        target[key] = value
+        origin[dotted] = where
+
+
+def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str = "policy.paths",
+                data_files: Iterable[Path] = (), include_tests: bool = False) -> PolicyBundle:
+    """Read every ``.rego`` module and ``.json`` data document under ``paths`` (and ``data_files``).
+
+    Test modules (``*_test.rego``) are left out unless ``include_tests``: they
+    take no part in decisions, and rego-cpp cannot compile many ``with``
+    expressions they hold.
+    """
+    modules: list[tuple[str, str]] = []
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    json_files: list[Path] = list(data_files)
+    for root in paths:
+        if root.is_file():
+            files = [root]
+        elif root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+        else:
+            raise LoadError(key, f"{str(root)!r} does not exist")
+        for f in files:
+            if f.suffix == ".rego" and (include_tests or not f.name.endswith("_test.rego")):
+                try:
+                    modules.append((str(f), f.read_text("utf-8")))
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise LoadError(key, f"cannot read {str(f)!r}: {exc}") from exc
+            elif f.suffix == ".json":
+                json_files.append(f)
+    for f in json_files:
+        try:
+            doc = json.loads(f.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise LoadError(key, f"data document {str(f)!r} is not readable JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise LoadError(key, f"data document {str(f)!r} is not a JSON object")
+        _merge(data, doc, repr(str(f)), origin)
+    if not modules:
+        raise LoadError(key, "no .rego modules found")
+    return PolicyBundle(tuple(modules), data, entrypoint_query(entrypoint), engine)
+
+
+class Evaluator(Protocol):
+    """One thread's compiled copy of a bundle."""
+
+    def evaluate(self, input_doc: dict[str, Any]) -> Any:
+        """The entrypoint's value, or ``UNDEFINED``; raise ``PolicyEvalError`` on an evaluation error."""
+
+    def query(self, ref: str, input_doc: dict[str, Any] | None) -> Any:
+        """Evaluate any data reference (used by the Rego test runner)."""
+
+
+class PolicyEngine:
+    """Evaluates one bundle from any thread, compiling a per-thread evaluator on first use."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        from pdp.rego import compile_evaluator
+
+        self.bundle = bundle
+        self.version = bundle.version
+        self._compile = compile_evaluator
+        self._local = threading.local()
+        # Compile once here so that a broken bundle fails at load time, not on the first request.
+        self._local.evaluator = compile_evaluator(bundle)
+
+    def _evaluator(self) -> Evaluator:
+        evaluator: Evaluator | None = getattr(self._local, "evaluator", None)
+        if evaluator is None:
+            evaluator = self._compile(self.bundle)
+            self._local.evaluator = evaluator
+        return evaluator
+
+    def evaluate(self, input_doc: dict[str, Any]) -> Any:
+        return self._evaluator().evaluate(input_doc)
+
+    def query(self, ref: str, input_doc: dict[str, Any] | None = None) -> Any:
+        return self._evaluator().query(ref, input_doc)

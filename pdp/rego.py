@@ -1,0 +1,152 @@
+"""The two in-process Rego engines: regopy (Microsoft rego-cpp) and regorus (Rust).
+
+Both are compiled once per policy version and evaluated many times. Both are
+run in strict mode: a builtin error (``to_number("x")``, a division by zero)
+is an evaluation error, which pdp turns into a deny, never an undefined value
+that a ``default allow := true`` could turn into an allow.
+
+rego-cpp aborts the whole process on some inputs it cannot compile (seen with
+``with input as … with data.x as …`` in one expression), so a regopy bundle is
+first compiled in a child process: a crash there refuses the bundle instead
+of taking the service down.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from pdp.errors import LoadError
+from pdp.policy import UNDEFINED, Evaluator, PolicyBundle, PolicyEvalError
+
+_PROBE_TIMEOUT = 60.0
+
+
+def _short(message: str) -> str:
+    """Engine errors without the Rust stack backtrace regorus appends."""
+    return message.split("Stack backtrace:")[0].strip()
+
+
+class RegopyEvaluator:
+    def __init__(self, bundle: PolicyBundle) -> None:
+        import regopy
+
+        self._regopy = regopy
+        self._entrypoint = bundle.entrypoint
+        it = regopy.Interpreter()
+        it.strict_built_in_errors = True
+        try:
+            for name, source in bundle.modules:
+                it.add_module(name, source)
+            it.add_data(bundle.data)
+            self._plan = it.build(f"x = {bundle.entrypoint}")
+        except regopy.RegoError as exc:
+            raise LoadError("policy.paths", f"policy does not compile: {exc}") from exc
+        self._it = it
+
+    def _run(self, input_doc: dict[str, Any] | None, plan: Any) -> Any:
+        if input_doc is not None:
+            self._it.set_input(input_doc)
+        try:
+            out = self._it.query_bundle(plan)
+        except self._regopy.RegoError as exc:
+            raise PolicyEvalError(str(exc)) from exc
+        # Read the result as text: asking an undefined result for a binding aborts rego-cpp.
+        text = str(out)
+        if text == "undefined":
+            return UNDEFINED
+        if not out.ok() or text.startswith("<error"):
+            raise PolicyEvalError(f"policy evaluation failed: {text}")
+        value = json.loads(text).get("bindings", {})
+        return value.get("x", UNDEFINED)
+
+    def evaluate(self, input_doc: dict[str, Any]) -> Any:
+        return self._run(input_doc, self._plan)
+
+    def query(self, ref: str, input_doc: dict[str, Any] | None) -> Any:
+        try:
+            plan = self._it.build(f"x = {ref}")
+        except self._regopy.RegoError as exc:
+            raise PolicyEvalError(str(exc)) from exc
+        return self._run(input_doc, plan)
+
+
+class RegorusEvaluator:
+    def __init__(self, bundle: PolicyBundle) -> None:
+        import regorus
+
+        self._entrypoint = bundle.entrypoint
+        engine = regorus.Engine()
+        try:
+            for name, source in bundle.modules:
+                engine.add_policy(name, source)
+            engine.add_data(bundle.data)
+        except Exception as exc:
+            raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
+        self._engine = engine
+
+    def query(self, ref: str, input_doc: dict[str, Any] | None) -> Any:
+        if input_doc is not None:
+            self._engine.set_input(input_doc)
+        try:
+            value = self._engine.eval_rule(ref)
+        except BaseException as exc:  # pyo3 panics derive from BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            message = _short(str(exc))
+            if "not a valid rule path" in message:
+                return UNDEFINED
+            raise PolicyEvalError(message) from exc
+        return UNDEFINED if value is None else value
+
+    def evaluate(self, input_doc: dict[str, Any]) -> Any:
+        return self.query(self._entrypoint, input_doc)
+
+
+def compile_evaluator(bundle: PolicyBundle) -> Evaluator:
+    if bundle.engine == "regorus":
+        try:
+            import regorus  # noqa: F401
+        except ImportError as exc:
+            raise LoadError("policy.engine", "engine 'regorus' needs the gordon-to-regorus package "
+                                             "(pip install 'pdp[fast]')") from exc
+        return RegorusEvaluator(bundle)
+    if bundle.engine == "regopy":
+        return RegopyEvaluator(bundle)
+    raise LoadError("policy.engine", f"unknown engine {bundle.engine!r} (regopy or regorus)")
+
+
+def probe_compile(bundle: PolicyBundle) -> None:
+    """Compile ``bundle`` in a child process first when the engine may abort the process."""
+    if bundle.engine != "regopy":
+        return
+    payload = json.dumps({"modules": bundle.modules, "data": bundle.data, "entrypoint": bundle.entrypoint})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pdp.rego"], input=payload.encode(), capture_output=True,
+            timeout=_PROBE_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise LoadError("policy.paths", "compiling the policy took too long") from exc
+    if proc.returncode == 0:
+        return
+    detail = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip()
+    if proc.returncode < 0:
+        raise LoadError("policy.paths", f"the Rego engine crashed compiling the policy: {detail[-500:]}")
+    raise LoadError("policy.paths", detail[-2000:] or "policy does not compile")
+
+
+def _probe_main() -> int:
+    spec = json.loads(sys.stdin.buffer.read())
+    bundle = PolicyBundle(tuple((n, s) for n, s in spec["modules"]), spec["data"], spec["entrypoint"], "regopy")
+    try:
+        RegopyEvaluator(bundle)
+    except LoadError as exc:
+        print(exc.message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main())

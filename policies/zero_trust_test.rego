@@ -1,0 +1,107 @@
+# Tests of the default zero-trust policy against the shipped data.json.
+# Run them with `pdp policy test` (like `opa test`).
+package pdp.authz_test
+
+import rego.v1
+
+cert := {
+	"present": true,
+	"spiffe_id": "spiffe://example.org/demo/client",
+	"trust_domain": "example.org",
+	"thumbprint": "x",
+}
+
+admin_cert := object.union(cert, {"spiffe_id": "spiffe://example.org/admin/ops"})
+
+foreign_cert := object.union(cert, {"spiffe_id": "spiffe://evil.example/client", "trust_domain": "evil.example"})
+
+token(scopes) := {"present": true, "scopes": scopes, "sub": "u"}
+
+bound := {"method": "x5t#S256", "bound": true}
+
+unbound := {"method": null, "bound": false}
+
+req(method, path, c, t, b) := {
+	"attributes": {"request": {"http": {"method": method, "path": path, "host": "api", "headers": {}}}},
+	"cert": c,
+	"token": t,
+	"binding": b,
+}
+
+no_cert := {"present": false}
+
+no_token := {"present": false}
+
+test_public_path_needs_nothing if {
+	r := data.pdp.authz.result with input as req("GET", "/healthz", no_cert, no_token, unbound)
+	r.allowed
+	r.reason == "public_path"
+}
+
+test_public_prefix_with_query if {
+	r := data.pdp.authz.result with input as req("GET", "/public/logo.png?v=2", no_cert, no_token, unbound)
+	r.allowed
+}
+
+test_public_exact_path_is_not_a_prefix if {
+	r := data.pdp.authz.result with input as req("GET", "/healthz/deep", no_cert, no_token, unbound)
+	not r.allowed
+	r.reason == "cert_required"
+}
+
+test_cert_required if {
+	r := data.pdp.authz.result with input as req("GET", "/orders", no_cert, token(["read"]), bound)
+	not r.allowed
+	r.reason == "cert_required"
+}
+
+test_foreign_trust_domain_denied if {
+	r := data.pdp.authz.result with input as req("GET", "/orders", foreign_cert, token(["read"]), bound)
+	not r.allowed
+	r.reason == "spiffe_id_denied"
+}
+
+test_token_required if {
+	r := data.pdp.authz.result with input as req("GET", "/orders", cert, no_token, unbound)
+	not r.allowed
+	r.reason == "token_required"
+}
+
+test_unbound_token_denied if {
+	r := data.pdp.authz.result with input as req("GET", "/orders", cert, token(["read"]), unbound)
+	not r.allowed
+	r.reason == "token_unbound"
+}
+
+test_read_allowed if {
+	r := data.pdp.authz.result with input as req("GET", "/orders", cert, token(["read"]), bound)
+	r.allowed
+}
+
+test_write_needs_write_scope if {
+	r := data.pdp.authz.result with input as req("POST", "/orders", cert, token(["read"]), bound)
+	not r.allowed
+	r.reason == "insufficient_scope"
+}
+
+test_write_allowed_with_write_scope if {
+	r := data.pdp.authz.result with input as req("POST", "/orders", cert, token(["write"]), bound)
+	r.allowed
+}
+
+test_admin_needs_admin_spiffe_id if {
+	r := data.pdp.authz.result with input as req("GET", "/admin/users", cert, token(["read", "admin"]), bound)
+	not r.allowed
+	r.reason == "spiffe_id_denied"
+}
+
+test_admin_needs_admin_scope if {
+	r := data.pdp.authz.result with input as req("GET", "/admin/users", admin_cert, token(["read"]), bound)
+	not r.allowed
+	r.reason == "insufficient_scope"
+}
+
+test_admin_allowed if {
+	r := data.pdp.authz.result with input as req("GET", "/admin/users", admin_cert, token(["read", "admin"]), bound)
+	r.allowed
+}
