@@ -1,0 +1,115 @@
+"""Build a ``Pdp`` from a ``Config``: load trust bundles, key sets and the policy, wire the key fetchers.
+
+Also knows which files each part came from, so the service can re-read a
+part when its files change; a new version that fails to load raises
+``LoadError`` and the caller keeps the one in force.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdp.config import Config, IssuerConfig
+from pdp.decision_log import DecisionLog
+from pdp.errors import LoadError
+from pdp.http_fetch import make_fetch
+from pdp.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, discovered_jwks_url, parse_jwks
+from pdp.pipeline import DecisionSink, Pdp
+from pdp.policy import PolicyBundle, PolicyEngine, load_bundle
+from pdp.rego import probe_compile
+from pdp.tokens import Issuer, TokenVerifier
+from pdp.trust import ChainVerifier, TrustBundle
+from pdp.trust import load_bundle as load_trust_bundle
+
+log = logging.getLogger("pdp")
+
+Fetch = Callable[[str], bytes]
+
+
+def load_policy(config: Config, *, probe: bool = True) -> PolicyEngine:
+    p = config.policy
+    bundle: PolicyBundle = load_bundle(p.paths, entrypoint=p.decision, engine=p.engine, data_files=p.data)
+    if probe:
+        probe_compile(bundle)
+    return PolicyEngine(bundle)
+
+
+def policy_files(config: Config) -> list[Path]:
+    files: list[Path] = list(config.policy.data)
+    for root in config.policy.paths:
+        if root.is_dir():
+            files += [f for f in root.rglob("*") if f.suffix in (".rego", ".json")]
+        else:
+            files.append(root)
+    return sorted(files)
+
+
+def load_trust(config: Config) -> list[TrustBundle]:
+    return [load_trust_bundle(b.file, b.name, b.trust_domain, f"certificates.trust_bundles[{i}].file")
+            for i, b in enumerate(config.certificates.trust_bundles)]
+
+
+def load_jwks_file(path: Path, key: str) -> KeySet:
+    try:
+        return parse_jwks(path.read_bytes())
+    except OSError as exc:
+        raise LoadError(key, f"cannot read JWKS {str(path)!r}: {exc.strerror or exc}") from exc
+    except KeySetError as exc:
+        raise LoadError(key, f"JWKS {str(path)!r} refused: {exc}") from exc
+
+
+@dataclass
+class KeySources:
+    """The key source of each issuer, by issuer, and the files behind the file-based ones."""
+
+    by_issuer: dict[str, StaticKeySource | RemoteKeySource] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def remote(self) -> list[RemoteKeySource]:
+        return [s for s in self.by_issuer.values() if isinstance(s, RemoteKeySource)]
+
+
+def _key_source(i: int, iss: IssuerConfig, fetch: Fetch | None) -> StaticKeySource | RemoteKeySource:
+    key = f"tokens.issuers[{i}]"
+    if iss.jwks_file is not None:
+        return StaticKeySource(load_jwks_file(iss.jwks_file, f"{key}.jwks_file"))
+    get = fetch or make_fetch(iss.jwks_timeout)
+    if iss.jwks_url is not None:
+        url = iss.jwks_url
+        resolve: Callable[[], str] = lambda: url  # noqa: E731
+    else:
+        resolve = discovered_jwks_url(iss.issuer, get)
+    return RemoteKeySource(resolve, get, min_interval=iss.jwks_min_refresh_interval,
+                           max_age=iss.jwks_refresh_interval, name=iss.issuer)
+
+
+def build_key_sources(config: Config, fetch: Fetch | None = None) -> KeySources:
+    sources = KeySources()
+    for i, iss in enumerate(config.tokens.issuers):
+        sources.by_issuer[iss.issuer] = _key_source(i, iss, fetch)
+        if iss.jwks_file is not None:
+            sources.files[iss.issuer] = iss.jwks_file
+    return sources
+
+
+def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
+              keys: KeySources | None = None, probe: bool = True) -> Pdp:
+    keys = keys or build_key_sources(config, fetch)
+    issuers = [
+        Issuer(issuer=i.issuer, audiences=frozenset(i.audiences), algorithms=frozenset(i.algorithms),
+               keys=keys.by_issuer[i.issuer], accept_plain_jwt=i.accept_plain_jwt,
+               required_claims=i.required_claims)
+        for i in config.tokens.issuers
+    ]
+    return Pdp(
+        certificates=ChainVerifier(load_trust(config), max_chain_depth=config.certificates.max_chain_depth,
+                                   cache_size=config.certificates.cache_size),
+        tokens=TokenVerifier(issuers, leeway=config.tokens.leeway, cache_size=config.tokens.cache_size),
+        policy=load_policy(config, probe=probe),
+        settings=config.decision,
+        decision_log=DecisionLog(config.log.decisions),
+        sinks=sinks,
+    )

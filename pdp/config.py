@@ -1,0 +1,360 @@
+"""pdp's configuration: one TOML file, validated at start-up with path-qualified errors.
+
+Every key is known: a misspelt key is an error naming it
+(``tokens.issuers[0].audience: unknown key (did you mean 'audiences'?)``), not
+a silently ignored setting. Relative file paths are relative to the config
+file's folder. Without a file, ``Config.defaults()`` runs the shipped policy
+with no trust bundles and no issuers: every credential is refused until some
+are configured.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdp.errors import ConfigError
+from pdp.jws import ASYMMETRIC_ALGORITHMS
+from pdp.pipeline import DecisionSettings, UpstreamHeaders
+from pdp.policies import DEFAULT_POLICY_DIR
+from pdp.policy import ENGINES
+from pdp.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
+from pdp.spiffe import SpiffeIdError, parse_spiffe_id
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    http: str = "127.0.0.1:8181"
+    reload_interval: float = 2.0
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    engine: str = "regopy"
+    paths: tuple[Path, ...] = (DEFAULT_POLICY_DIR,)
+    data: tuple[Path, ...] = ()
+    decision: str = "pdp/authz/result"
+
+
+@dataclass(frozen=True)
+class TrustBundleConfig:
+    name: str
+    file: Path
+    trust_domain: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificatesConfig:
+    trust_bundles: tuple[TrustBundleConfig, ...] = ()
+    max_chain_depth: int = 4
+    cache_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    discovery: bool = False
+    accept_plain_jwt: bool = False
+    required_claims: tuple[str, ...] = PROFILE_REQUIRED_CLAIMS
+    jwks_timeout: float = 3.0
+    jwks_refresh_interval: float = 300.0
+    jwks_min_refresh_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    issuers: tuple[IssuerConfig, ...] = ()
+    leeway: float = 30.0
+    cache_size: int = 10_000
+    require_bound: bool = False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    decisions: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    certificates: CertificatesConfig = field(default_factory=CertificatesConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    decision: DecisionSettings = field(default_factory=DecisionSettings)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path | None = None
+
+    @classmethod
+    def defaults(cls) -> Config:
+        return cls()
+
+
+class _Table:
+    """A TOML table being read: typed getters that name the key on error, and a check for unknown keys."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, "must be a table")
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def _get(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data.get(name)
+
+    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self._get(name)
+        if value is None:
+            if required:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), "must be a non-empty string")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), "must be true or false")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(self.key(name), f"must be a number >= {minimum:g}")
+        return float(value)
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(self.key(name), f"must be an integer >= {minimum}")
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(self.key(name), "must be a list of non-empty strings")
+        return tuple(value)
+
+    def table(self, name: str) -> _Table:
+        value = self._get(name)
+        return _Table(value if value is not None else {}, self.key(name))
+
+    def tables(self, name: str) -> list[_Table]:
+        value = self._get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), "must be an array of tables ([[...]])")
+        return [_Table(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                hint = difflib.get_close_matches(name, self.used, n=1)
+                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(self.key(name), f"unknown key{suffix}")
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _listen(t: _Table, name: str, default: str) -> str:
+    value = t.text(name, default) or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(t.key(name), f"must be HOST:PORT, not {value!r}")
+    return value
+
+
+def _server(t: _Table) -> ServerConfig:
+    cfg = ServerConfig(
+        http=_listen(t, "http", ServerConfig.http),
+        reload_interval=t.number("reload_interval", ServerConfig.reload_interval),
+        max_body_bytes=t.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=1024),
+    )
+    t.done()
+    return cfg
+
+
+def _policy(t: _Table, base: Path) -> PolicyConfig:
+    engine = t.text("engine", PolicyConfig.engine) or PolicyConfig.engine
+    if engine not in ENGINES:
+        raise ConfigError(t.key("engine"), f"must be one of {', '.join(ENGINES)}")
+    paths = tuple(_path(base, p) for p in t.strings("paths")) or PolicyConfig.paths
+    data = tuple(_path(base, p) for p in t.strings("data"))
+    decision = t.text("decision", PolicyConfig.decision) or PolicyConfig.decision
+    t.done()
+    return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision)
+
+
+def _certificates(t: _Table, base: Path) -> CertificatesConfig:
+    bundles: list[TrustBundleConfig] = []
+    names: set[str] = set()
+    for b in t.tables("trust_bundles"):
+        file = b.text("file", required=True)
+        assert file is not None
+        name = b.text("name", file) or file
+        if name in names:
+            raise ConfigError(b.key("name"), f"trust bundle name {name!r} is used twice")
+        names.add(name)
+        domain = b.text("trust_domain")
+        if domain is not None:
+            try:
+                parse_spiffe_id(f"spiffe://{domain}")
+            except SpiffeIdError as exc:
+                raise ConfigError(b.key("trust_domain"), f"not a SPIFFE trust domain: {exc}") from exc
+        b.done()
+        bundles.append(TrustBundleConfig(name=name, file=_path(base, file), trust_domain=domain))
+    cfg = CertificatesConfig(
+        trust_bundles=tuple(bundles),
+        max_chain_depth=t.integer("max_chain_depth", CertificatesConfig.max_chain_depth, minimum=1),
+        cache_size=t.integer("cache_size", CertificatesConfig.cache_size),
+    )
+    t.done()
+    return cfg
+
+
+def _issuer(t: _Table, base: Path) -> IssuerConfig:
+    issuer = t.text("issuer", required=True)
+    assert issuer is not None
+    audiences = t.strings("audiences")
+    if not audiences:
+        raise ConfigError(t.key("audiences"), "is required: list the audiences this service accepts")
+    algorithms = t.strings("algorithms", ("RS256", "ES256"))
+    for alg in algorithms:
+        if alg.lower() == "none" or alg.upper().startswith("HS"):
+            raise ConfigError(t.key("algorithms"), f"{alg!r} is never accepted (no 'none', no HMAC)")
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(t.key("algorithms"),
+                              f"unknown algorithm {alg!r} (one of {', '.join(ASYMMETRIC_ALGORITHMS)})")
+    jwks_file = t.text("jwks_file")
+    jwks_url = t.text("jwks_url")
+    discovery = t.flag("discovery", False)
+    if (jwks_file is not None) + (jwks_url is not None) + discovery != 1:
+        raise ConfigError(t.path, "needs exactly one of jwks_file, jwks_url or discovery = true")
+    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
+        raise ConfigError(t.key("jwks_url"), "must be an http(s) URL")
+    if discovery and not issuer.startswith(("https://", "http://")):
+        raise ConfigError(t.key("discovery"), "needs an issuer that is an http(s) URL")
+    plain = t.flag("accept_plain_jwt", False)
+    default_claims = PLAIN_REQUIRED_CLAIMS if plain else PROFILE_REQUIRED_CLAIMS
+    required = tuple(dict.fromkeys(("iss", "exp", *t.strings("required_claims", default_claims))))
+    cfg = IssuerConfig(
+        issuer=issuer, audiences=audiences, algorithms=algorithms,
+        jwks_file=_path(base, jwks_file) if jwks_file else None, jwks_url=jwks_url, discovery=discovery,
+        accept_plain_jwt=plain, required_claims=required,
+        jwks_timeout=t.number("jwks_timeout", IssuerConfig.jwks_timeout, minimum=0.1),
+        jwks_refresh_interval=t.number("jwks_refresh_interval", IssuerConfig.jwks_refresh_interval, minimum=1),
+        jwks_min_refresh_interval=t.number("jwks_min_refresh_interval", IssuerConfig.jwks_min_refresh_interval),
+    )
+    t.done()
+    return cfg
+
+
+def _tokens(t: _Table, base: Path) -> TokensConfig:
+    issuers = tuple(_issuer(i, base) for i in t.tables("issuers"))
+    seen: set[str] = set()
+    for i, iss in enumerate(issuers):
+        if iss.issuer in seen:
+            raise ConfigError(f"{t.key('issuers')}[{i}].issuer", f"issuer {iss.issuer!r} is configured twice")
+        seen.add(iss.issuer)
+    cfg = TokensConfig(
+        issuers=issuers,
+        leeway=t.number("leeway", TokensConfig.leeway),
+        cache_size=t.integer("cache_size", TokensConfig.cache_size),
+        require_bound=t.flag("require_bound", TokensConfig.require_bound),
+    )
+    t.done()
+    return cfg
+
+
+def _decision(t: _Table, require_bound: bool) -> DecisionSettings:
+    d = DecisionSettings()
+    h = t.table("upstream_headers")
+    up = UpstreamHeaders()
+    upstream = UpstreamHeaders(**{name: _header_name(h, name, getattr(up, name))
+                                  for name in UpstreamHeaders.__dataclass_fields__})
+    h.done()
+    cfg = DecisionSettings(
+        realm=t.text("realm", d.realm) or d.realm,
+        require_bound_tokens=require_bound,
+        remove_authorization=t.flag("remove_authorization", d.remove_authorization),
+        upstream=upstream,
+        max_header_bytes=t.integer("max_header_bytes", d.max_header_bytes, minimum=1024),
+        max_headers=t.integer("max_headers", d.max_headers, minimum=1),
+        max_path_bytes=t.integer("max_path_bytes", d.max_path_bytes, minimum=256),
+    )
+    t.done()
+    return cfg
+
+
+def _header_name(t: _Table, name: str, default: str) -> str:
+    value = t.data.get(name, default)
+    t.used.add(name)
+    if not isinstance(value, str) or (value and not value.replace("-", "").isalnum()):
+        raise ConfigError(t.key(name), "must be a header name, or \"\" to leave the header out")
+    return value.lower()
+
+
+def _log(t: _Table) -> LogConfig:
+    level = (t.text("level", "info") or "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(t.key("level"), "must be debug, info, warning or error")
+    cfg = LogConfig(level=level, decisions=t.flag("decisions", True))
+    t.done()
+    return cfg
+
+
+def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:
+    root = _Table(data, "")
+    tokens = _tokens(root.table("tokens"), base)
+    cfg = Config(
+        server=_server(root.table("server")),
+        policy=_policy(root.table("policy"), base),
+        certificates=_certificates(root.table("certificates"), base),
+        tokens=tokens,
+        decision=_decision(root.table("decision"), tokens.require_bound),
+        log=_log(root.table("log")),
+        source=source,
+    )
+    root.done()
+    return cfg
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file {str(path)!r}: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, path.resolve().parent, path)

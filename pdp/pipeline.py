@@ -1,0 +1,283 @@
+"""``Pdp.decide()``: one request in, one decision out, in five visible steps.
+
+1. identity    the client certificate chain → a verified ``CertIdentity``
+2. credential  the ``Authorization: Bearer`` token → a ``VerifiedToken``
+3. binding     RFC 8705: the token's ``cnf.x5t#S256`` against the certificate
+4. policy      the Rego policy on the request plus all of the above
+5. decision    allow/deny, status, headers, challenge, explanation
+
+A presented credential that fails a check ends the pipeline with a deny (the
+policy never sees it, so no policy can allow it). A missing credential is the
+policy's question. Any unexpected error is a deny with ``internal_error``:
+``decide()`` does not raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdp import reasons
+from pdp.decision import Decision, Step, new_decision_id
+from pdp.decision_log import DecisionLog, log_record
+from pdp.errors import Denied
+from pdp.identity import CertIdentity
+from pdp.policy import PolicyEngine, PolicyEvalError
+from pdp.policy_input import build_input
+from pdp.policy_result import PolicyOutcome, PolicyResultError, read_outcome
+from pdp.reasons import Reason
+from pdp.request import CheckRequest
+from pdp.rfc6750 import challenge
+from pdp.rfc8705 import BINDING_METHOD, check_binding
+from pdp.tokens import TokenVerifier, VerifiedToken
+from pdp.trust import ChainVerifier
+
+log = logging.getLogger("pdp")
+
+_BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHeaders:
+    """Names of the headers pdp adds to an allowed request ("" leaves one out)."""
+
+    spiffe_id: str = "x-pdp-spiffe-id"
+    subject: str = "x-pdp-subject"
+    client_id: str = "x-pdp-client-id"
+    cert_thumbprint: str = "x-pdp-cert-thumbprint"
+    decision_id: str = "x-pdp-decision-id"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSettings:
+    realm: str = "pdp"
+    require_bound_tokens: bool = False
+    remove_authorization: bool = True
+    upstream: UpstreamHeaders = field(default_factory=UpstreamHeaders)
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 200
+    max_path_bytes: int = 8 * 1024
+
+
+DecisionSink = Callable[[Decision, float], None]
+
+
+class _Trace:
+    __slots__ = ("identity", "steps", "token")
+
+    def __init__(self) -> None:
+        self.steps: list[Step] = []
+        self.identity: CertIdentity | None = None
+        self.token: VerifiedToken | None = None
+
+    def ok(self, name: str, detail: str) -> None:
+        self.steps.append(Step(name, True, detail))
+
+
+class Pdp:
+    """The decision point. Build it once (``pdp.config.build_pdp``); call ``decide()`` from any thread."""
+
+    def __init__(self, *, certificates: ChainVerifier, tokens: TokenVerifier, policy: PolicyEngine,
+                 settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
+                 sinks: tuple[DecisionSink, ...] = ()) -> None:
+        self.certificates = certificates
+        self.tokens = tokens
+        self.policy = policy
+        self.settings = settings or DecisionSettings()
+        self.decision_log = decision_log or DecisionLog()
+        self.sinks = sinks
+
+    def decide(self, request: CheckRequest) -> Decision:
+        started = time.perf_counter()
+        decision_id = new_decision_id()
+        trace = _Trace()
+        policy = self.policy  # one policy version for the whole decision, even during a reload
+        try:
+            self._check_request(request)
+            trace.identity = self._identity(request, trace)
+            trace.token = self._credential(request, trace)
+            binding = self._binding(trace.identity, trace.token, trace)
+            outcome = self._policy(policy, request, trace, binding)
+            decision = self._decision(decision_id, outcome, trace)
+        except Denied as denied:
+            trace.steps.append(Step(_step_of(denied.reason), False, f"{denied.reason.code}: {denied.detail}"))
+            decision = self._deny(decision_id, denied.reason, denied.detail, trace)
+        except Exception as exc:  # fail closed, whatever went wrong
+            log.exception("decision %s failed", decision_id)
+            trace.steps.append(Step("internal", False, type(exc).__name__))
+            decision = self._deny(decision_id, reasons.INTERNAL_ERROR, "internal error; denied", trace)
+        self._record(decision, request, trace, policy.version, time.perf_counter() - started)
+        return decision
+
+    def refuse(self, reason: Reason, detail: str, request: CheckRequest) -> Decision:
+        """A deny for a request an adapter could not even read (logged and counted like any other)."""
+        started = time.perf_counter()
+        trace = _Trace()
+        trace.steps.append(Step("request", False, f"{reason.code}: {detail}"))
+        decision = self._deny(new_decision_id(), reason, detail, trace)
+        self._record(decision, request, trace, self.policy.version, time.perf_counter() - started)
+        return decision
+
+    def _record(self, decision: Decision, request: CheckRequest, trace: _Trace, policy_version: str,
+                duration: float) -> None:
+        try:
+            self.decision_log.write(log_record(decision, request, trace.identity, trace.token,
+                                               policy_version, duration))
+            for sink in self.sinks:
+                sink(decision, duration)
+        except Exception:
+            log.exception("recording decision %s failed", decision.decision_id)
+
+    # -- 0. the request itself
+    def _check_request(self, request: CheckRequest) -> None:
+        s = self.settings
+        if len(request.headers) > s.max_headers:
+            raise Denied(reasons.REQUEST_TOO_LARGE, f"{len(request.headers)} headers (at most {s.max_headers})")
+        size = sum(len(k) + len(v) for k, v in request.headers.items())
+        if size > s.max_header_bytes:
+            raise Denied(reasons.REQUEST_TOO_LARGE, f"{size} bytes of headers (at most {s.max_header_bytes})")
+        if len(request.path) > s.max_path_bytes:
+            raise Denied(reasons.REQUEST_TOO_LARGE, f"path of {len(request.path)} bytes")
+        if not request.method or not request.path.startswith("/"):
+            raise Denied(reasons.REQUEST_INVALID, "method or path missing")
+
+    # -- 1. identity
+    def _identity(self, request: CheckRequest, trace: _Trace) -> CertIdentity | None:
+        if request.client_cert_error is not None:
+            raise Denied(reasons.CERT_MALFORMED, request.client_cert_error)
+        if not request.client_cert_chain:
+            trace.ok("identity", "no client certificate")
+            return None
+        identity = self.certificates.verify(request.client_cert_chain, request.time)
+        trace.ok("identity", f"{identity.spiffe_id or identity.subject} via {identity.trust_bundle} "
+                             f"(x5t#S256 {identity.thumbprint})")
+        return identity
+
+    # -- 2. credential
+    def _credential(self, request: CheckRequest, trace: _Trace) -> VerifiedToken | None:
+        header = request.headers.get("authorization")
+        if header is None:
+            trace.ok("credential", "no access token")
+            return None
+        scheme = header.split(" ", 1)[0].lower()
+        if scheme == "dpop":
+            raise Denied(reasons.TOKEN_SCHEME_UNSUPPORTED, "DPoP-bound tokens are not accepted here")
+        if scheme != "bearer":
+            trace.ok("credential", f"authorization scheme {scheme[:16]!r} is not Bearer: no access token")
+            return None
+        match = _BEARER.fullmatch(header)
+        if match is None:
+            raise Denied(reasons.TOKEN_MALFORMED, "the Bearer credential is not a token68 value")
+        token = self.tokens.verify(match.group(1), request.time)
+        trace.ok("credential", f"{token.alg} token of {token.issuer} for {token.claims.get('sub')!r}")
+        return token
+
+    # -- 3. binding
+    def _binding(self, identity: CertIdentity | None, token: VerifiedToken | None,
+                 trace: _Trace) -> dict[str, Any]:
+        if token is None:
+            trace.ok("binding", "no token to bind")
+            return {"method": None, "bound": False}
+        if token.x5t_s256 is not None:
+            check_binding(token.x5t_s256, identity.thumbprint if identity else None)
+            trace.ok("binding", "token bound to the client certificate (RFC 8705 x5t#S256)")
+            return {"method": BINDING_METHOD, "bound": True}
+        if token.jkt is not None:
+            # A DPoP-bound token presented as Bearer is a downgrade (RFC 9449 §7.1).
+            raise Denied(reasons.BINDING_DPOP_REQUIRED,
+                         "the token is DPoP-bound (cnf.jkt) and cannot be used as a Bearer token")
+        if self.settings.require_bound_tokens:
+            raise Denied(reasons.TOKEN_UNBOUND, "the token has no cnf.x5t#S256 and bound tokens are required")
+        trace.ok("binding", "token is not bound (allowed by configuration)")
+        return {"method": None, "bound": False}
+
+    # -- 4. policy
+    def _policy(self, policy: PolicyEngine, request: CheckRequest, trace: _Trace,
+                binding: dict[str, Any]) -> PolicyOutcome:
+        doc = build_input(request, trace.identity, trace.token, binding)
+        try:
+            outcome = read_outcome(policy.evaluate(doc))
+        except (PolicyEvalError, PolicyResultError) as exc:
+            raise Denied(reasons.POLICY_ERROR, str(exc)) from exc
+        verdict = "allowed" if outcome.allowed else f"denied ({outcome.reason or 'policy_denied'})"
+        trace.steps.append(Step("policy", outcome.allowed, f"{verdict} by policy {policy.version}"))
+        return outcome
+
+    # -- 5. decision
+    def _decision(self, decision_id: str, outcome: PolicyOutcome, trace: _Trace) -> Decision:
+        if not outcome.allowed:
+            reason = reasons.by_code(outcome.reason or "policy_denied")
+            return self._deny(decision_id, reason, reason.description, trace, outcome)
+        s = self.settings
+        upstream: dict[str, str] = {}
+        identity, token = trace.identity, trace.token
+        if identity is not None:
+            _put(upstream, s.upstream.spiffe_id, identity.spiffe_id)
+            _put(upstream, s.upstream.cert_thumbprint, identity.thumbprint)
+        if token is not None:
+            _put(upstream, s.upstream.subject, token.claims.get("sub"))
+            _put(upstream, s.upstream.client_id, token.claims.get("client_id"))
+        _put(upstream, s.upstream.decision_id, decision_id)
+        upstream.update(outcome.headers)
+        remove = outcome.headers_to_remove
+        if s.remove_authorization and token is not None and "authorization" not in remove:
+            remove = (*remove, "authorization")
+        reason_code = outcome.reason or reasons.ALLOWED.code
+        steps = (*trace.steps, Step("decision", True, "allow"))
+        return Decision(
+            decision_id=decision_id, allowed=True, status=200, reason=reason_code, message="allowed",
+            headers=upstream, headers_to_remove=remove, response_headers=dict(outcome.response_headers),
+            steps=steps, metadata=self._metadata(decision_id, reason_code, trace, outcome),
+        )
+
+    def _deny(self, decision_id: str, reason: Reason, detail: str, trace: _Trace,
+              outcome: PolicyOutcome | None = None) -> Decision:
+        response_headers: dict[str, str] = dict(outcome.response_headers) if outcome else {}
+        if reason.challenge:
+            response_headers["www-authenticate"] = challenge(
+                realm=self.settings.realm, error=reason.oauth_error, description=reason.description)
+        code = outcome.reason if outcome and outcome.reason else reason.code
+        status = outcome.http_status if outcome and outcome.http_status else reason.status
+        steps = (*trace.steps, Step("decision", False, f"deny {code}"))
+        return Decision(
+            decision_id=decision_id, allowed=False, status=status, reason=code,
+            message=detail, response_headers=response_headers, body=outcome.body if outcome else "",
+            steps=steps, metadata=self._metadata(decision_id, code, trace, outcome), reason_info=reason,
+        )
+
+    @staticmethod
+    def _metadata(decision_id: str, reason: str, trace: _Trace, outcome: PolicyOutcome | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"decision_id": decision_id, "reason": reason}
+        if trace.identity is not None:
+            meta["spiffe_id"] = trace.identity.spiffe_id
+            meta["cert_thumbprint"] = trace.identity.thumbprint
+        if trace.token is not None:
+            meta["sub"] = trace.token.claims.get("sub")
+            meta["client_id"] = trace.token.claims.get("client_id")
+            meta["iss"] = trace.token.issuer
+            meta["jti"] = trace.token.jti
+        if outcome is not None and outcome.dynamic_metadata:
+            meta["policy"] = dict(outcome.dynamic_metadata)
+        return meta
+
+
+def _put(headers: dict[str, str], name: str, value: Any) -> None:
+    if name and isinstance(value, str) and value:
+        headers[name] = value
+
+
+def _step_of(reason: Reason) -> str:
+    code = reason.code
+    if code.startswith("binding_") or code == reasons.TOKEN_UNBOUND.code:
+        return "binding"
+    if code.startswith("cert_"):
+        return "identity"
+    if code.startswith(("token_", "jwks_")):
+        return "credential"
+    if code.startswith("policy_"):
+        return "policy"
+    return "request"
