@@ -1,0 +1,206 @@
+"""``pdp serve``: the decision service (starlette + uvicorn).
+
+Routes: ``POST /v1/check`` (the JSON check protocol of
+``pdp.adapters.json_check``), ``GET /healthz`` (the process is up),
+``GET /readyz`` (policy and trust bundles are loaded), ``GET /metrics``
+(Prometheus). Background threads re-read changed policy, trust-bundle and
+JWKS files, and refresh remote key sets before they go stale, so no request
+waits on that work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pdp import reasons
+from pdp.adapters.json_check import RequestDocumentError, parse_request, render
+from pdp.assemble import (
+    build_key_sources,
+    build_pdp,
+    load_jwks_file,
+    load_policy,
+    load_trust,
+    policy_files,
+)
+from pdp.config import Config
+from pdp.jwks import StaticKeySource
+from pdp.metrics import CONTENT_TYPE, Metrics
+from pdp.pipeline import Pdp
+from pdp.reloader import Reloader, Watched
+from pdp.request import CheckRequest
+
+log = logging.getLogger("pdp")
+
+Fetch = Callable[[str], bytes]
+
+
+class Service:
+    """The assembled decision point plus what keeps it current."""
+
+    def __init__(self, config: Config, *, fetch: Fetch | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.keys = build_key_sources(config, fetch)
+        self.pdp: Pdp = build_pdp(config, keys=self.keys, sinks=(self.metrics.observe,))
+        self.metrics.set_policy(self.pdp.policy.version, config.policy.engine)
+        self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    # -- keeping current
+    def _watched(self) -> list[Watched]:
+        cfg = self.config
+        parts = [
+            Watched("policy", lambda: policy_files(cfg), self._reload_policy),
+            Watched("trust_bundles", lambda: [b.file for b in cfg.certificates.trust_bundles],
+                    lambda: self.pdp.certificates.replace_bundles(load_trust(cfg))),
+        ]
+        for i, iss in enumerate(cfg.tokens.issuers):
+            if iss.jwks_file is not None:
+                parts.append(Watched(f"jwks:{iss.issuer}", _listing(iss.jwks_file),
+                                     self._jwks_reloader(iss.issuer, iss.jwks_file, i)))
+        return parts
+
+    def _reload_policy(self) -> None:
+        engine = load_policy(self.config)
+        self.pdp.policy = engine
+        self.metrics.set_policy(engine.version, self.config.policy.engine)
+
+    def _jwks_reloader(self, issuer: str, path: Path, index: int) -> Callable[[], None]:
+        def reload() -> None:
+            fresh = load_jwks_file(path, f"tokens.issuers[{index}].jwks_file")
+            source = self.keys.by_issuer[issuer]
+            assert isinstance(source, StaticKeySource)
+            source.replace(fresh)
+
+        return reload
+
+    def _reloaded(self, part: str, ok: bool, detail: str) -> None:
+        self.metrics.reloads.labels(part.split(":")[0], "ok" if ok else "failed").inc()
+
+    def refresh_keys(self) -> None:
+        """One pass of the key refresher: fetch every remote key set that is missing or stale."""
+        now = time.time()
+        for source in self.keys.remote():
+            if source.stale(now):
+                source.refresh(now)
+                if source.last_error is not None:
+                    self.metrics.jwks_refresh_failures.labels(source.name).inc()
+
+    def start(self) -> None:
+        self.reloader.start()
+        if self.keys.remote() and self._refresher is None:
+            def loop() -> None:
+                while True:
+                    self.refresh_keys()
+                    if self._stop.wait(5.0):
+                        return
+
+            self._refresher = threading.Thread(target=loop, name="pdp-jwks", daemon=True)
+            self._refresher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.reloader.stop()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+            self._refresher = None
+
+    def readiness(self) -> dict[str, Any]:
+        pdp = self.pdp
+        jwks = {name: {"keys": len(ks) if (ks := s.current()) is not None else None,
+                       "error": getattr(s, "last_error", None)}
+                for name, s in self.keys.by_issuer.items()}
+        return {
+            "ready": pdp.policy is not None and len(pdp.certificates.bundles)
+            == len(self.config.certificates.trust_bundles),
+            "policy_version": pdp.policy.version,
+            "engine": self.config.policy.engine,
+            "trust_bundles": [b.name for b in pdp.certificates.bundles],
+            "issuers": jwks,
+        }
+
+    # -- HTTP
+    async def check(self, request: Request) -> Response:
+        peer = request.client.host if request.client else ""
+        now = time.time()
+        try:
+            body = await _read_body(request, self.config.server.max_body_bytes)
+            doc = json.loads(body)
+            check = parse_request(doc, now=now, peer_address=peer)
+        except _TooLarge:
+            decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document too large",
+                                       _unreadable(now, peer))
+            return JSONResponse(render(decision), status_code=413)
+        except (ValueError, RequestDocumentError) as exc:
+            detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
+            decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
+            return JSONResponse(render(decision), status_code=400)
+        decision = await run_in_threadpool(self.pdp.decide, check)
+        return JSONResponse(render(decision))
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        state = self.readiness()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    def app(self) -> Starlette:
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            self.start()
+            try:
+                yield
+            finally:
+                self.stop()
+
+        return Starlette(
+            routes=[
+                Route("/v1/check", self.check, methods=["POST"]),
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz, methods=["GET"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            ],
+            lifespan=lifespan,
+        )
+
+
+def _listing(path: Path) -> Callable[[], list[Path]]:
+    return lambda: [path]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge
+    return bytes(body)
+
+
+def _unreadable(now: float, peer: str) -> CheckRequest:
+    return CheckRequest(method="", path="", time=now, source_address=peer)
