@@ -3,8 +3,8 @@
 ``input.attributes.request.http`` / ``input.attributes.source`` /
 ``input.parsed_path`` / ``input.parsed_query`` are laid out as Envoy's
 ext_authz plugin for OPA lays them out, for every adapter, so a policy written
-for that plugin runs unchanged. pdp adds ``input.cert``, ``input.token`` and
-``input.binding``.
+for that plugin runs unchanged. pdp adds ``input.cert``, ``input.token``,
+``input.binding`` and ``input.path`` (the path without its query string).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
 
 def build_input(request: CheckRequest, identity: CertIdentity | None, token: VerifiedToken | None,
                 binding: dict[str, Any]) -> dict[str, Any]:
+    path_only = request.path.split("?", 1)[0].split("#", 1)[0]
     parsed_path, parsed_query = parse_path(request.path)
     source: dict[str, Any] = {"address": {"socketAddress": {"address": request.source_address}}}
     if identity is not None:
@@ -54,6 +55,7 @@ def build_input(request: CheckRequest, identity: CertIdentity | None, token: Ver
             "contextExtensions": dict(request.context.get("context_extensions", {})),
             "metadataContext": request.context.get("metadata_context", {}),
         },
+        "path": path_only,
         "parsed_path": parsed_path,
         "parsed_query": parsed_query,
         "cert": identity.policy_view if identity is not None else NO_CERT,

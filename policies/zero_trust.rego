@@ -12,18 +12,17 @@
 #   public_paths           exact paths, or prefixes ending in "/", open to anyone
 #   allowed_trust_domains  SPIFFE trust domains whose workloads may call at all ([] = any)
 #   require_bound_token    false accepts tokens without cnf.x5t#S256
-#   routes                 [{prefix, methods?, spiffe_ids?, scopes?}]: every route whose
-#                          prefix (and method) matches applies; spiffe_ids entries are exact
-#                          IDs or prefixes ending in "/*"; scopes are all required
+#   routes                 [{prefix, methods?, spiffe_ids?, scopes?}]: every route whose path
+#                          prefix (and method, if listed) matches applies; spiffe_ids entries are
+#                          exact IDs or prefixes ending in "/*"; every listed scope is required
+#
+# input.path is the request path without query string (a pdp addition to the
+# opa-envoy-plugin input; attributes.request.http.path keeps the query).
 package pdp.authz
 
 import rego.v1
 
 config := data.pdp.config
-
-http := input.attributes.request.http
-
-request_path := split(http.path, "?")[0]
 
 default result := {"allowed": false, "reason": "policy_denied"}
 
@@ -39,60 +38,46 @@ result := {"allowed": true, "reason": "public_path"} if {
 	config.require_bound_token
 	not input.binding.bound
 } else := {"allowed": false, "reason": "spiffe_id_denied"} if {
-	some route in matching_routes
-	not spiffe_allowed(route)
+	spiffe_id_denied
 } else := {"allowed": false, "reason": "insufficient_scope"} if {
-	some route in matching_routes
-	not scopes_granted(route)
+	scope_missing
 } else := {"allowed": true, "reason": "allowed"}
+
+public_path if input.path in config.public_paths
 
 public_path if {
 	some p in config.public_paths
-	path_matches(p)
-}
-
-path_matches(p) if {
 	endswith(p, "/")
-	startswith(request_path, p)
-}
-
-path_matches(p) if {
-	not endswith(p, "/")
-	request_path == p
+	startswith(input.path, p)
 }
 
 trust_domain_allowed if count(config.allowed_trust_domains) == 0
 
 trust_domain_allowed if input.cert.trust_domain in config.allowed_trust_domains
 
-matching_routes contains route if {
+# The routes that apply to this request (their rules are rules of every route, so all must hold).
+matching_routes := [route |
 	some route in config.routes
-	path_matches(route.prefix)
-	method_matches(route)
+	startswith(input.path, route.prefix)
+	input.attributes.request.http.method in object.get(route, "methods", [input.attributes.request.http.method])
+]
+
+spiffe_id_denied if {
+	some route in matching_routes
+	route.spiffe_ids
+	not spiffe_id_listed(route.spiffe_ids)
 }
 
-method_matches(route) if not route.methods
+spiffe_id_listed(ids) if input.cert.spiffe_id in ids
 
-method_matches(route) if http.method in route.methods
-
-spiffe_allowed(route) if not route.spiffe_ids
-
-spiffe_allowed(route) if {
-	some id in route.spiffe_ids
-	id_matches(id, input.cert.spiffe_id)
-}
-
-id_matches(pattern, id) if pattern == id
-
-id_matches(pattern, id) if {
+spiffe_id_listed(ids) if {
+	some pattern in ids
 	endswith(pattern, "/*")
-	startswith(id, trim_suffix(pattern, "*"))
+	startswith(input.cert.spiffe_id, trim_suffix(pattern, "*"))
 }
 
-scopes_granted(route) if not route.scopes
-
-scopes_granted(route) if {
-	every scope in route.scopes {
-		scope in input.token.scopes
-	}
+scope_missing if {
+	some route in matching_routes
+	some scope in object.get(route, "scopes", [])
+	not scope in input.token.scopes
 }

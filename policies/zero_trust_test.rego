@@ -23,6 +23,7 @@ unbound := {"method": null, "bound": false}
 
 req(method, path, c, t, b) := {
 	"attributes": {"request": {"http": {"method": method, "path": path, "host": "api", "headers": {}}}},
+	"path": split(path, "?")[0],
 	"cert": c,
 	"token": t,
 	"binding": b,
