@@ -188,7 +188,7 @@ def _path(base: Path, value: str) -> Path:
 def _listen(t: _Table, name: str, default: str) -> str:
     value = t.text(name, default) or default
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(t.key(name), f"must be HOST:PORT, not {value!r}")
     return value
 
