@@ -1,0 +1,181 @@
+"""The ``pdp`` command as a user runs it: real processes, real files, a real server for the quick start."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from servers import free_port, wait_for
+
+from pdp.devinit import FILES, curl_command
+
+PDP = str(Path(sys.executable).parent / "pdp")
+
+
+def pdp(*args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PDP, *args], input=stdin.decode() if stdin else None, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("dev") / "dev"
+    result = pdp("dev", "init", str(target))
+    assert result.returncode == 0, result.stderr
+    return target
+
+
+def test_dev_init_writes_a_complete_setup_referring_only_to_its_folder(dev):
+    for name in FILES:
+        assert (dev / name).is_file(), name
+    assert (dev / "policy" / "zero_trust.rego").is_file()
+    assert oct((dev / "client.key").stat().st_mode & 0o777) == "0o600"
+    config = tomllib.loads((dev / "pdp.toml").read_text())
+    files = [config["policy"]["paths"][0], config["certificates"]["trust_bundles"][0]["file"],
+             config["tokens"]["issuers"][0]["jwks_file"]]
+    for f in files:
+        assert not Path(f).is_absolute() and (dev / f).exists()
+    client = x509.load_pem_x509_certificate((dev / "client.pem").read_bytes())
+    sans = client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org/demo/client"]
+
+
+def test_dev_init_refuses_to_overwrite(dev):
+    result = pdp("dev", "init", str(dev))
+    assert result.returncode == 2 and "exists" in result.stderr
+
+
+def test_check_exit_status_is_0_for_allow_1_for_deny_2_for_error(dev, tmp_path):
+    allow = pdp("check", "--config", str(dev / "pdp.toml"), "--cert", str(dev / "client.pem"),
+                "--token", str(dev / "token.jwt"), "--method", "GET", "--path", "/orders")
+    assert allow.returncode == 0, allow.stdout + allow.stderr
+    assert allow.stdout.startswith("ALLOW 200 allowed")
+    deny = pdp("check", "--config", str(dev / "pdp.toml"), "--cert", str(dev / "other.pem"),
+               "--token", str(dev / "token.jwt"), "--path", "/orders")
+    assert deny.returncode == 1
+    assert "DENY 401 binding_mismatch" in deny.stdout and "FAIL binding" in deny.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tokens]\nleway = 3\n")
+    error = pdp("check", "--config", str(bad), "--path", "/")
+    assert error.returncode == 2
+    assert "tokens.leway: unknown key (did you mean 'leeway'?)" in error.stderr
+    assert "Traceback" not in error.stderr
+
+
+def test_check_prints_json_on_request(dev):
+    result = pdp("check", "--config", str(dev / "pdp.toml"), "--cert", str(dev / "client.pem"), "--json",
+                 "--path", "/orders")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["reason"] == "token_required"
+
+
+def test_cert_inspect_shows_the_rfc8705_thumbprint(dev):
+    result = pdp("cert", "inspect", str(dev / "client.pem"))
+    assert result.returncode == 0
+    der = x509.load_pem_x509_certificate((dev / "client.pem").read_bytes()).public_bytes(
+        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+    expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    assert f"x5t#S256 (RFC 8705): {expected}" in result.stdout
+    assert "spiffe://example.org/demo/client" in result.stdout
+    verified = pdp("cert", "inspect", str(dev / "client.pem"), "--config", str(dev / "pdp.toml"), "--json")
+    assert json.loads(verified.stdout)["verification"] == "verified by trust bundle 'example.org'"
+
+
+def test_cert_inspect_of_garbage_is_an_error_not_a_traceback(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnope\n")
+    result = pdp("cert", "inspect", str(junk))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_token_inspect_with_and_without_verification(dev, tmp_path):
+    plain = pdp("token", "inspect", str(dev / "token.jwt"))
+    out = json.loads(plain.stdout)
+    assert out["header"]["typ"] == "at+jwt"
+    assert out["claims"]["cnf"]["x5t#S256"]
+    assert out["signature"].startswith("not checked")
+    verified = pdp("token", "inspect", "--config", str(dev / "pdp.toml"), stdin=(dev / "token.jwt").read_bytes())
+    assert verified.returncode == 0
+    assert json.loads(verified.stdout)["signature"].startswith("valid")
+    header, claims, sig = (dev / "token.jwt").read_text().strip().split(".")
+    forged = tmp_path / "forged.jwt"
+    forged.write_text(f"{header}.{claims}.{sig[:-4]}AAAA")
+    bad = pdp("token", "inspect", str(forged), "--config", str(dev / "pdp.toml"))
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["signature"].startswith("INVALID token_signature_invalid")
+
+
+def test_policy_test_runs_the_shipped_tests_like_opa_test():
+    result = pdp("policy", "test")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().startswith("PASS: ")
+    passed, total = result.stdout.strip().split()[1].split("/")
+    assert passed == total and int(total) >= 10
+
+
+def test_policy_test_reports_failures_with_exit_1(tmp_path):
+    (tmp_path / "p.rego").write_text("package t\nimport rego.v1\ntest_ok if true\ntest_bad if false\n")
+    result = pdp("policy", "test", str(tmp_path), "--engine", "regorus")
+    assert result.returncode == 1
+    assert "data.t.test_bad: FAIL" in result.stdout and "PASS: 1/2" in result.stdout
+
+
+def _serve(*args: str, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([PDP, "serve", *args, "--http", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert b"Traceback" not in err, err.decode()
+
+
+def test_the_quick_start_curl_commands_show_an_allow_and_a_deny(dev):
+    port = free_port()
+    server = _serve("--config", str(dev / "pdp.toml"), port=port)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        answers = []
+        for cert in ("client.pem", "other.pem"):
+            cmd = curl_command(dev, cert, f"127.0.0.1:{port}")
+            out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30, check=True)
+            answers.append(json.loads(out.stdout))
+    finally:
+        _stop(server)
+    assert (answers[0]["allowed"], answers[0]["reason"]) == (True, "allowed")
+    assert (answers[1]["allowed"], answers[1]["reason"]) == (False, "binding_mismatch")
+
+
+def test_serve_runs_on_embedded_defaults_without_a_config():
+    port = free_port()
+    server = _serve(port=port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(f"{base}/healthz")
+        assert httpx.get(f"{base}/readyz").json()["ready"] is True
+        public = httpx.post(f"{base}/v1/check", json={"method": "GET", "path": "/healthz"}).json()
+        private = httpx.post(f"{base}/v1/check", json={"method": "GET", "path": "/orders"}).json()
+    finally:
+        _stop(server)
+    assert public["allowed"] is True
+    assert (private["allowed"], private["reason"]) == (False, "cert_required")
+
+
+def test_serve_with_a_bad_config_names_the_key_and_exits_2(tmp_path):
+    bad = tmp_path / "pdp.toml"
+    bad.write_text('[[tokens.issuers]]\nissuer = "https://x"\naudiences = ["a"]\nalgorithms = ["none"]\n'
+                   'jwks_file = "j.json"\n')
+    result = pdp("serve", "--config", str(bad), timeout=60)
+    assert result.returncode == 2
+    assert "tokens.issuers[0].algorithms" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,73 @@
+"""The README's promises and the examples, exercised as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from servers import free_port, wait_for
+
+from pdp.devinit import curl_command, dev_init
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PDP = str(Path(sys.executable).parent / "pdp")
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    section = README.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```sh\n(.*?)\n```", section, re.DOTALL)
+    assert commands == ["python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/pdp serve",
+                        "./scripts/test"]
+    assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_curl_commands_are_the_ones_dev_init_prints():
+    for cert in ("client.pem", "other.pem"):
+        assert curl_command(Path("dev"), cert) in README
+
+
+@pytest.fixture(scope="module")
+def running_dev(tmp_path_factory: pytest.TempPathFactory):
+    dev = tmp_path_factory.mktemp("ex") / "dev"
+    dev_init(dev)
+    port = free_port()
+    proc = subprocess.Popen([PDP, "serve", "--config", str(dev / "pdp.toml"), "--http", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        yield dev, f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize(("spiffe_id", "scope", "method", "allowed"), [
+    ("spiffe://example.org/demo/client", "read", "GET", True),
+    ("spiffe://example.org/demo/client", "read", "POST", False),
+    ("spiffe://example.org/demo/intruder", "read", "GET", False),
+])
+def test_bound_client_example(running_dev, spiffe_id, scope, method, allowed):
+    dev, url = running_dev
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "bound_client.py"), "--dev", str(dev),
+                             "--url", url, "--spiffe-id", spiffe_id, "--scope", scope, "--method", method],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == (0 if allowed else 1), result.stdout + result.stderr
+    assert ('"allowed": true' in result.stdout) == allowed
+
+
+def test_compose_file_builds_pdp_from_this_folder_and_serves_the_dev_setup():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["pdp"]["build"] == "." and (ROOT / "Dockerfile").is_file()
+    assert services["pdp"]["command"][:4] == ["pdp", "serve", "--config", "/setup/pdp.toml"]
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
