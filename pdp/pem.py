@@ -6,8 +6,9 @@ import base64
 import binascii
 import re
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n?(.*?)-----END \1-----", re.DOTALL)
+# The body class excludes "-", so a BEGIN without its END fails at the first dash instead of
+# scanning to the end of the input (a lazy ".*?" made hostile input quadratic).
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n?([^-]*)-----END \1-----")
 _B64_BODY = re.compile(rb"[A-Za-z0-9+/=\s]*")
 
 #: A chain longer than this is refused before any parsing (no real client chain is this deep).

@@ -104,11 +104,11 @@ class ChainVerifier:
                          .value.get_values_for_type(x509.UniformResourceIdentifier))
         except x509.ExtensionNotFound:
             uris = ()
-        except ValueError as exc:  # malformed extensions are only parsed on access
+        except (ValueError, x509.DuplicateExtension) as exc:  # extensions are only parsed on access
             raise Denied(reasons.CERT_MALFORMED, f"unparseable certificate extension: {exc}") from exc
         if now < not_before:
             raise Denied(reasons.CERT_NOT_YET_VALID, f"the client certificate is valid from {int(not_before)}")
-        if now >= not_after:
+        if now > not_after:  # RFC 5280 §4.1.2.5: notAfter itself is still within the validity period
             raise Denied(reasons.CERT_EXPIRED, f"the client certificate expired at {int(not_after)}")
         _, trust_domain = spiffe_of(uris)
         bundles = [b for b in self.bundles if b.vouches_for(trust_domain)]
