@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import Algorithm, get_default_algorithms
 
@@ -109,9 +110,13 @@ def verify(parsed: ParsedJws, keys: KeySet, algorithms: frozenset[str]) -> JsonW
         raise JwsError(JwsError.KEY_UNKNOWN, f"no {alg} key with kid {kid!r}")
     algorithm = _algorithm(alg)
     for key in candidates:
-        try:
-            if algorithm.verify(parsed.signing_input, key.key, parsed.signature):
-                return key
-        except Exception:  # pyjwt may raise on a signature of the wrong length
-            continue
+        if _verifies(algorithm, parsed, key):
+            return key
     raise JwsError(JwsError.SIGNATURE, "signature verification failed")
+
+
+def _verifies(algorithm: Algorithm, parsed: ParsedJws, key: JsonWebKey) -> bool:
+    try:
+        return bool(algorithm.verify(parsed.signing_input, key.key, parsed.signature))
+    except (InvalidSignature, ValueError, TypeError):  # e.g. a signature of the wrong length
+        return False
