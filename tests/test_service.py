@@ -165,7 +165,7 @@ def test_a_changed_policy_is_reloaded_and_a_broken_one_refused(write_setup, tmp_
 def test_a_replaced_trust_bundle_takes_effect_and_a_broken_one_is_refused(write_setup, tmp_path, pki, issuer):
     config = load_config(write_setup(reload_interval=0.1))
     token = bound_token(issuer, pki.client)
-    with serve_pdp(config) as (url, service):
+    with serve_pdp(config) as (url, _):
         assert httpx.post(f"{url}/v1/check", json=doc(pki, token)).json()["allowed"] is True
         (tmp_path / "ca.pem").write_text("not a certificate")
         assert _wait(lambda: 'pdp_reloads_total{part="trust_bundles",result="failed"} 1.0'
@@ -227,7 +227,7 @@ def test_an_issuer_whose_keys_never_loaded_is_jwks_unavailable(tmp_path, pki):
         jwks_server.fail = True
         iss = TokenIssuer.generate(jwks_server.issuer, kid="k")
         config = load_config(_remote_config(tmp_path, pki, jwks_server.issuer, "jwks_url"))
-        with serve_pdp(config) as (url, service):
+        with serve_pdp(config) as (url, _):
             body = httpx.post(f"{url}/v1/check",
                               json=doc(pki, iss.mint(audience=AUDIENCE, bound_to=pki.client))).json()
             ready = httpx.get(f"{url}/readyz").json()
