@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any
 
@@ -53,10 +54,24 @@ def _reject_constant(name: str) -> Any:
     raise DecodeError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise DecodeError(f"number {text[:20]} is out of range")
+    return value
+
+
 def json_object(data: bytes | str) -> dict[str, Any]:
-    """Parse a JSON object, refusing duplicate members, NaN/Infinity and non-object values."""
+    """Parse a JSON object, refusing duplicate members, NaN/Infinity, overflowing numbers,
+    text that is not UTF-8 (RFC 8259 §8.1) and non-object values."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")  # strict: no BOM sniffing, no UTF-16/32, no lone surrogates
+        except UnicodeDecodeError as exc:
+            raise DecodeError("not UTF-8") from exc
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                           parse_float=_finite_float)
     except DecodeError:
         raise
     except (ValueError, RecursionError) as exc:

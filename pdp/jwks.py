@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from pdp.jose import DecodeError, json_object
+from pdp.weak_keys import roca_vulnerable
 
 log = logging.getLogger("pdp.jwks")
 
@@ -98,9 +99,12 @@ def parse_jwk(jwk: Mapping[str, Any]) -> JsonWebKey | None:
         raise
     except Exception as exc:  # pyjwt raises InvalidKeyError, ValueError, KeyError...
         raise KeySetError(f"invalid {kty} key: {exc}") from exc
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
-        log.warning("ignoring RSA key %r of %d bits (minimum %d)", kid, key.key_size, _MIN_RSA_BITS)
-        return None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < _MIN_RSA_BITS:
+            log.warning("ignoring RSA key %r of %d bits (minimum %d)", kid, key.key_size, _MIN_RSA_BITS)
+            return None
+        if roca_vulnerable(key.public_numbers().n):
+            raise KeySetError(f"RSA key {kid!r} has a factorable modulus (ROCA, CVE-2017-15361)")
     if not isinstance(key, PublicKey):
         raise KeySetError("not a public key")
     return JsonWebKey(kid=kid, kty=kty, crv=crv if isinstance(crv, str) else None, alg=alg, key=key)
@@ -203,7 +207,7 @@ class RemoteKeySource:
             self.last_error = None
             changed = keys != self._keys
             self._keys = keys
-            self._loaded_at = time.time()
+            self._loaded_at = now
             return changed
 
 
@@ -213,11 +217,15 @@ def discovered_jwks_url(issuer: str, fetch: Fetch) -> Callable[[], str]:
     The metadata's ``issuer`` must equal the configured issuer (RFC 8414 §3.3),
     so a metadata document cannot redirect pdp to someone else's keys.
     """
-    base = issuer.rstrip("/")
-    candidates = (
-        f"{base}/.well-known/oauth-authorization-server",
-        f"{base}/.well-known/openid-configuration",
-    )
+    parts = urllib.parse.urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    origin = f"{parts.scheme}://{parts.netloc}"
+    candidates = tuple(dict.fromkeys((
+        # RFC 8414 §3.1: the well-known segment goes between the host and the issuer's path.
+        f"{origin}/.well-known/oauth-authorization-server{path}",
+        # OpenID Connect Discovery §4: appended to the issuer.
+        f"{origin}{path}/.well-known/openid-configuration",
+    )))
     cached: list[str] = []
 
     def resolve() -> str:

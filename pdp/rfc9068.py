@@ -9,6 +9,7 @@ when configured to be, with a lighter set of required claims.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,13 @@ def check_type(header: Mapping[str, Any], accept_plain_jwt: bool) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A JSON number usable as a NumericDate: not a boolean, and finite as a float."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond the float range
+        return False
 
 
 def check_claims(claims: Mapping[str, Any], *, required: tuple[str, ...], audiences: frozenset[str],
