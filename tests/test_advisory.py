@@ -1,0 +1,300 @@
+"""Known JWT attack classes, one test each, through the full ``Pdp.decide()``.
+
+Every attack token is built for real: signed (where it is signed) with real keys, presented over a real,
+trusted client-certificate chain, and bound to that certificate when the attack is not about binding, so
+the only thing wrong with the request is the attack itself. Each test asserts a deny and its reason code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import AUDIENCE, ISSUER, Pki, bound_token, check_request
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm, get_default_algorithms
+
+from pdp.decision import Decision
+from pdp.devpki import TokenIssuer, make_ca
+from pdp.jose import b64url_decode, b64url_encode
+from pdp.pipeline import Pdp
+
+PYJWT = get_default_algorithms()
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+# -- helpers
+
+
+@pytest.fixture
+def pdp(make_pdp: Callable[..., Pdp]) -> Pdp:
+    return make_pdp()
+
+
+@pytest.fixture(scope="module")
+def attacker_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def decide(pdp: Pdp, pki: Pki, token: str) -> Decision:
+    return pdp.decide(check_request(chain=pki.chain(), token=token))
+
+
+def assert_denied(decision: Decision, code: str) -> None:
+    assert decision.allowed is False, decision.explanation()
+    assert decision.reason == code, decision.explanation()
+
+
+def bound_claims(pki: Pki, *, iss: str = ISSUER, now: float | None = None, **overrides: Any) -> dict[str, Any]:
+    """The claims of a good RFC 9068 token bound to pki.client (what TokenIssuer.mint would write)."""
+    iat = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {
+        "iss": iss, "sub": "demo-user", "aud": AUDIENCE, "client_id": "demo-client", "scope": "read write",
+        "iat": iat, "nbf": iat, "exp": iat + 3600, "jti": uuid.uuid4().hex,
+        "cnf": {"x5t#S256": pki.client.thumbprint},
+    }
+    claims.update(overrides)
+    return claims
+
+
+def header_for(kid: str | None = "k1", alg: str = "ES256", **extra: Any) -> dict[str, Any]:
+    header: dict[str, Any] = {"alg": alg, "typ": "at+jwt"}
+    if kid is not None:
+        header["kid"] = kid
+    header.update(extra)
+    return header
+
+
+def encode_part(value: dict[str, Any] | bytes) -> str:
+    return b64url_encode(value if isinstance(value, bytes) else json.dumps(value).encode())
+
+
+def sign_compact(header: dict[str, Any] | bytes, payload: dict[str, Any] | bytes, key: Any,
+                 alg: str = "ES256") -> str:
+    signing_input = f"{encode_part(header)}.{encode_part(payload)}".encode()
+    return f"{signing_input.decode()}.{b64url_encode(PYJWT[alg].sign(signing_input, key))}"
+
+
+def hmac_token(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[header["alg"]]
+    signing_input = f"{encode_part(header)}.{encode_part(payload)}"
+    mac = hmac.new(secret, signing_input.encode(), digest).digest()
+    return f"{signing_input}.{b64url_encode(mac)}"
+
+
+# -- controls: the honest tokens these attacks are built from are allowed
+
+
+def test_control_minted_bound_token_is_allowed(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    decision = decide(pdp, pki, bound_token(issuer, pki.client))
+    assert decision.allowed, decision.explanation()
+
+
+def test_control_hand_signed_bound_token_is_allowed(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    decision = decide(pdp, pki, sign_compact(header_for(), bound_claims(pki), issuer.key))
+    assert decision.allowed, decision.explanation()
+
+
+# -- the attacks
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+def test_alg_none_unsigned_token(pdp: Pdp, pki: Pki, alg: str) -> None:
+    token = f"{encode_part(header_for(alg=alg))}.{encode_part(bound_claims(pki))}."
+    assert_denied(decide(pdp, pki, token), "token_alg_not_allowed")
+
+
+def _public_key_forms(issuer: TokenIssuer) -> dict[str, bytes]:
+    public = issuer.key.public_key()
+    return {
+        "pem": public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        "der": public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        "point": public.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint),
+        "jwk": json.dumps(issuer.jwk).encode(),
+        "jwks": json.dumps(issuer.jwks).encode(),
+    }
+
+
+@pytest.mark.parametrize("form", ["pem", "der", "point", "jwk", "jwks"])
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_hmac_signed_with_the_issuers_public_key_as_secret(pdp: Pdp, pki: Pki, issuer: TokenIssuer, alg: str,
+                                                           form: str) -> None:
+    # Algorithm confusion (CVE-2015-9235 and kin): a verifier that lets the header pick HMAC would use the
+    # public key it holds as the HMAC secret, and the attacker knows that key.
+    secret = _public_key_forms(issuer)[form]
+    token = hmac_token(header_for(alg=alg), bound_claims(pki, sub="admin"), secret)
+    assert_denied(decide(pdp, pki, token), "token_alg_not_allowed")
+
+
+@pytest.mark.parametrize("kid", [
+    "../../../../../../dev/null",
+    "/dev/null",
+    "../../../../etc/passwd",
+    "..\\..\\..\\windows\\win.ini",
+    "%2e%2e%2f%2e%2e%2fdev%2fnull",
+    "k1/../k1",
+    "' OR '1'='1",
+    "k1' UNION SELECT 'secret' --",
+    "k1\"; DROP TABLE keys; --",
+    "k1; ls",
+    "$(id)",
+    "*",
+    "k1\u0000",
+    "k1 ",
+    "K1",
+    "",
+])
+def test_kid_path_traversal_and_injection(pdp: Pdp, pki: Pki, attacker_key: ec.EllipticCurvePrivateKey,
+                                          kid: str) -> None:
+    # The kid only selects among configured keys: no file, query or normalisation ever sees it.
+    token = sign_compact(header_for(kid=kid), bound_claims(pki, sub="admin"), attacker_key)
+    assert_denied(decide(pdp, pki, token), "token_key_unknown")
+
+
+@pytest.mark.parametrize("kid", ["/dev/null", "../../../../../../dev/null"])
+def test_kid_path_traversal_with_hmac_over_an_empty_file(pdp: Pdp, pki: Pki, kid: str) -> None:
+    # The classic form: kid points at an empty file, the token is HMACed with an empty secret.
+    token = hmac_token(header_for(kid=kid, alg="HS256"), bound_claims(pki, sub="admin"), b"")
+    assert_denied(decide(pdp, pki, token), "token_alg_not_allowed")
+
+
+def test_kid_names_the_issuers_key_exactly(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    # Even the issuer's genuine signature fails when the kid is a traversal "equivalent" of k1.
+    token = sign_compact(header_for(kid="./k1"), bound_claims(pki), issuer.key)
+    assert_denied(decide(pdp, pki, token), "token_key_unknown")
+
+
+@pytest.mark.parametrize(("kid", "code"), [
+    ("k1", "token_signature_invalid"),          # names the issuer's key: verified with it, and fails
+    (None, "token_signature_invalid"),          # no kid: every configured key is tried, none verifies
+    ("attacker", "token_key_unknown"),          # names the embedded key: no such configured key
+])
+def test_embedded_jwk_header_attacker_key_is_ignored(pdp: Pdp, pki: Pki, attacker_key: ec.EllipticCurvePrivateKey,
+                                                     kid: str | None, code: str) -> None:
+    # CVE-2018-0114 style: the token carries its own verification key in 'jwk'.
+    jwk = {**ECAlgorithm.to_jwk(attacker_key.public_key(), as_dict=True), "kid": kid or "attacker"}
+    token = sign_compact(header_for(kid=kid, jwk=jwk), bound_claims(pki, sub="admin"), attacker_key)
+    assert_denied(decide(pdp, pki, token), code)
+
+
+@pytest.mark.parametrize("param", ["jku", "x5u"])
+@pytest.mark.parametrize(("kid", "code"), [("attacker", "token_key_unknown"), ("k1", "token_signature_invalid"),
+                                           (None, "token_signature_invalid")])
+def test_jku_and_x5u_pointing_elsewhere_are_ignored(pdp: Pdp, pki: Pki, attacker_key: ec.EllipticCurvePrivateKey,
+                                                    param: str, kid: str | None, code: str) -> None:
+    extra = {param: f"https://attacker.test/{'jwks.json' if param == 'jku' else 'cert.pem'}"}
+    token = sign_compact(header_for(kid=kid, **extra), bound_claims(pki, sub="admin"), attacker_key)
+    assert_denied(decide(pdp, pki, token), code)
+
+
+def test_x5c_embedded_attacker_certificate_is_ignored(pdp: Pdp, pki: Pki,
+                                                      attacker_key: ec.EllipticCurvePrivateKey) -> None:
+    cert = make_ca("attacker", key=attacker_key).der
+    token = sign_compact(header_for(kid="k1", x5c=[base64.b64encode(cert).decode()]),
+                         bound_claims(pki, sub="admin"), attacker_key)
+    assert_denied(decide(pdp, pki, token), "token_signature_invalid")
+
+
+@pytest.mark.parametrize("crit", [["urn:attacker:ignore-exp"], ["exp"], ["b64"]])
+def test_crit_unknown_header(pdp: Pdp, pki: Pki, issuer: TokenIssuer, crit: list[str]) -> None:
+    # Signed by the issuer itself: a token whose meaning depends on an extension pdp does not implement
+    # must be refused (RFC 7515 §4.1.11), even when its signature is genuine.
+    header = header_for(crit=crit, **{name: True for name in crit if name != "b64"})
+    token = sign_compact(header, bound_claims(pki), issuer.key)
+    assert_denied(decide(pdp, pki, token), "token_malformed")
+
+
+@pytest.mark.parametrize("signature", [bytes(64), P256_ORDER.to_bytes(32, "big") * 2], ids=["zero", "order"])
+def test_ecdsa_psychic_signature(pdp: Pdp, pki: Pki, signature: bytes) -> None:
+    # CVE-2022-21449: r = s = 0 (and r = s = n, its modular twin) "verify" any message on a broken ECDSA.
+    token = f"{encode_part(header_for())}.{encode_part(bound_claims(pki, sub='admin'))}.{b64url_encode(signature)}"
+    assert_denied(decide(pdp, pki, token), "token_signature_invalid")
+
+
+@pytest.mark.parametrize(("strip", "code"), ids=["empty", "removed", "r-only"], argvalues=[
+    (lambda h, p, s: f"{h}.{p}.", "token_signature_invalid"),   # empty signature part
+    (lambda h, p, s: f"{h}.{p}", "token_malformed"),           # signature part and its dot removed
+    (lambda h, p, s: f"{h}.{p}.{b64url_encode(b64url_decode(s)[:32])}", "token_signature_invalid"),  # r only
+])
+def test_signature_stripping(pdp: Pdp, pki: Pki, issuer: TokenIssuer, strip: Callable[[str, str, str], str],
+                             code: str) -> None:
+    h, p, s = bound_token(issuer, pki.client).split(".")
+    assert len(b64url_decode(s)) == 64
+    assert_denied(decide(pdp, pki, strip(h, p, s)), code)
+
+
+def test_token_substitution_between_issuers(pdp: Pdp, pki: Pki) -> None:
+    # A token from an issuer pdp does not trust, using the same kid as the trusted issuer's key.
+    stranger = TokenIssuer.generate("https://stranger.test", kid="k1")
+    assert_denied(decide(pdp, pki, bound_token(stranger, pki.client)), "token_issuer_unknown")
+
+
+def test_token_substitution_claiming_the_trusted_issuer(pdp: Pdp, pki: Pki) -> None:
+    # The stranger writes the trusted issuer's name into 'iss' and signs with its own key under kid k1.
+    stranger = TokenIssuer.generate(ISSUER, kid="k1")
+    assert_denied(decide(pdp, pki, bound_token(stranger, pki.client)), "token_signature_invalid")
+
+
+def test_expired_token_with_a_valid_signature(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    token = bound_token(issuer, pki.client, now=time.time() - 7200, lifetime=3600)
+    assert_denied(decide(pdp, pki, token), "token_expired")
+
+
+def test_duplicate_sub_claims(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    # Parser differential: the first 'sub' for one JSON parser, the last for another.
+    body = json.dumps(bound_claims(pki, sub="demo-user"))
+    payload = body.replace('"sub": "demo-user"', '"sub": "demo-user", "sub": "admin"').encode()
+    assert payload.count(b'"sub"') == 2
+    assert_denied(decide(pdp, pki, sign_compact(header_for(), payload, issuer.key)), "token_claims_invalid")
+
+
+def test_duplicate_alg_header_members(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    header = b'{"alg":"ES256","typ":"at+jwt","kid":"k1","alg":"none"}'
+    assert_denied(decide(pdp, pki, sign_compact(header, bound_claims(pki), issuer.key)), "token_malformed")
+
+
+def test_unencoded_payload_b64_false(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    # RFC 7797: with b64=false the signature covers the raw payload; a verifier unaware of it would check
+    # a different signing input than the issuer signed.
+    token = sign_compact(header_for(b64=False), bound_claims(pki), issuer.key)
+    assert_denied(decide(pdp, pki, token), "token_malformed")
+
+
+def test_plain_jwt_or_id_token_substitution(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    # RFC 9068 §4 / RFC 8725 §3.11: a JWT of another type (an ID token, typ JWT) is not an access token.
+    assert_denied(decide(pdp, pki, bound_token(issuer, pki.client, typ="JWT")), "token_type_invalid")
+
+
+def test_token_for_another_audience(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    token = bound_token(issuer, pki.client, audience="https://another-api.test")
+    assert_denied(decide(pdp, pki, token), "token_audience_invalid")
+
+
+def test_jwe_instead_of_jws(pdp: Pdp, pki: Pki) -> None:
+    jwe = ".".join([encode_part({"alg": "RSA-OAEP", "enc": "A256GCM", "typ": "at+jwt"}), "AAAA", "AAAA",
+                    "AAAA", "AAAA"])
+    assert_denied(decide(pdp, pki, jwe), "token_malformed")
+
+
+def test_oversized_token(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    token = bound_token(issuer, pki.client, extra={"pad": "x" * 20_000})
+    assert_denied(decide(pdp, pki, token), "token_malformed")
+
+
+def test_bound_token_replayed_with_another_certificate(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    # A stolen certificate-bound token presented by a different (also trusted) client.
+    decision = pdp.decide(check_request(chain=pki.chain(pki.other), token=bound_token(issuer, pki.client)))
+    assert_denied(decision, "binding_mismatch")
+
+
+def test_stolen_unbound_bearer_token(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    token = issuer.mint(audience=AUDIENCE, scope="read write")
+    assert_denied(decide(pdp, pki, token), "token_unbound")
