@@ -4,12 +4,14 @@
 
     PdpError
     ├── Denied            a credential or request failed a check; carries a Reason
+    ├── NeedsNetwork      decide(network=False) reached a step that must wait on the network
     └── ConfigError       the configuration is invalid; names the key (``tokens.issuers[0].jwks_url``)
         └── LoadError     a policy, data, trust-bundle or key file failed to load
 
 ``Denied`` never escapes ``Pdp.decide()``: the pipeline turns it into a deny
-``Decision``. Its ``detail`` goes to the explanation and the decision log, the
-``reason`` decides what the caller sees.
+``Decision``; its ``detail`` goes to the explanation and the decision log, its
+``reason`` decides what the caller sees. ``NeedsNetwork`` is the one exception
+``decide()`` lets through.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class Denied(PdpError):
         super().__init__(f"{reason.code}: {detail}" if detail else reason.code)
         self.reason = reason
         self.detail = detail or reason.description
+
+
+class NeedsNetwork(PdpError):
+    """The decision needs a key-set fetch, and the caller asked for a decision without network waits.
+
+    Adapters on an event loop decide inline with ``network=False`` and, on this
+    exception, decide again in a worker thread where waiting is harmless.
+    """
 
 
 class ConfigError(PdpError):

@@ -144,6 +144,9 @@ class KeySource(Protocol):
     def refresh(self, now: float) -> bool:
         """Try to get a newer key set (rate-limited); True when the set changed."""
 
+    def would_fetch(self, now: float) -> bool:
+        """Whether ``refresh(now)`` would go to the network (rather than return at once)."""
+
 
 class StaticKeySource:
     """A key set held in memory (from a file; the service swaps it when the file changes)."""
@@ -155,6 +158,9 @@ class StaticKeySource:
         return self._keys
 
     def refresh(self, now: float) -> bool:
+        return False
+
+    def would_fetch(self, now: float) -> bool:
         return False
 
     def replace(self, keys: KeySet) -> None:
@@ -191,6 +197,9 @@ class RemoteKeySource:
 
     def stale(self, now: float) -> bool:
         return self._keys is None or now - self._loaded_at >= self._max_age
+
+    def would_fetch(self, now: float) -> bool:
+        return now - self._last_attempt >= self._min_interval
 
     def refresh(self, now: float) -> bool:
         # One fetch at a time; a caller arriving during a fetch waits for it and uses its result.

@@ -24,7 +24,7 @@ from typing import Any
 from pdp import reasons
 from pdp.decision import Decision, Step, new_decision_id
 from pdp.decision_log import DecisionLog, log_record
-from pdp.errors import Denied
+from pdp.errors import Denied, NeedsNetwork
 from pdp.identity import CertIdentity
 from pdp.policy import PolicyEngine, PolicyEvalError
 from pdp.policy_input import build_input
@@ -91,7 +91,9 @@ class Pdp:
         self.decision_log = decision_log or DecisionLog()
         self.sinks = sinks
 
-    def decide(self, request: CheckRequest) -> Decision:
+    def decide(self, request: CheckRequest, *, network: bool = True) -> Decision:
+        """Decide on ``request``. Never raises, except ``NeedsNetwork`` when ``network`` is False
+        and the decision would have to wait for an issuer's key set to be fetched."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         trace = _Trace()
@@ -99,10 +101,12 @@ class Pdp:
         try:
             self._check_request(request)
             trace.identity = self._identity(request, trace)
-            trace.token = self._credential(request, trace)
+            trace.token = self._credential(request, trace, network)
             binding = self._binding(trace.identity, trace.token, trace)
             outcome = self._policy(policy, request, trace, binding)
             decision = self._decision(decision_id, outcome, trace)
+        except NeedsNetwork:
+            raise
         except Denied as denied:
             trace.steps.append(Step(_step_of(denied.reason), False, f"{denied.reason.code}: {denied.detail}"))
             decision = self._deny(decision_id, denied.reason, denied.detail, trace)
@@ -158,7 +162,7 @@ class Pdp:
         return identity
 
     # -- 2. credential
-    def _credential(self, request: CheckRequest, trace: _Trace) -> VerifiedToken | None:
+    def _credential(self, request: CheckRequest, trace: _Trace, network: bool) -> VerifiedToken | None:
         header = request.headers.get("authorization")
         if header is None:
             trace.ok("credential", "no access token")
@@ -172,7 +176,7 @@ class Pdp:
         match = _BEARER.fullmatch(header)
         if match is None:
             raise Denied(reasons.TOKEN_MALFORMED, "the Bearer credential is not a token68 value")
-        token = self.tokens.verify(match.group(1), request.time)
+        token = self.tokens.verify(match.group(1), request.time, network=network)
         trace.ok("credential", f"{token.alg} token of {token.issuer} for {token.claims.get('sub')!r}")
         return token
 

@@ -36,6 +36,7 @@ from pdp.assemble import (
     policy_files,
 )
 from pdp.config import Config
+from pdp.errors import NeedsNetwork
 from pdp.jwks import StaticKeySource
 from pdp.metrics import CONTENT_TYPE, Metrics
 from pdp.pipeline import Pdp
@@ -149,7 +150,11 @@ class Service:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
             return JSONResponse(render(decision), status_code=400)
-        decision = await run_in_threadpool(self.pdp.decide, check)
+        try:
+            # Decisions are CPU work: inline on the event loop, unless one must wait on a JWKS fetch.
+            decision = self.pdp.decide(check, network=False)
+        except NeedsNetwork:
+            decision = await run_in_threadpool(self.pdp.decide, check)
         return JSONResponse(render(decision))
 
     async def healthz(self, request: Request) -> Response:

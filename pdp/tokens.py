@@ -16,7 +16,7 @@ from typing import Any
 
 from pdp import reasons, rfc9068
 from pdp.cache import ExpiringCache
-from pdp.errors import Denied
+from pdp.errors import Denied, NeedsNetwork
 from pdp.jose import DecodeError, json_object
 from pdp.jwks import KeySet, KeySource
 from pdp.jws import JwsError, ParsedJws, parse_compact, verify
@@ -77,7 +77,9 @@ class TokenVerifier:
     def issuers(self) -> dict[str, Issuer]:
         return self._issuers
 
-    def verify(self, token: str, now: float) -> VerifiedToken:
+    def verify(self, token: str, now: float, *, network: bool = True) -> VerifiedToken:
+        """Verify ``token`` at ``now``; raise ``Denied``. With ``network=False``, raise
+        ``NeedsNetwork`` instead of waiting on a key-set fetch."""
         digest = token_digest(token)
         hit = self._cache.get(digest, now)
         if hit is not None:
@@ -85,13 +87,14 @@ class TokenVerifier:
             issuer = self._issuers.get(verified.issuer)
             if issuer is not None and issuer.keys.current() is keyset:
                 return verified
-        keyset, verified = self._verify_uncached(token, digest, now)
+        keyset, verified = self._verify_uncached(token, digest, now, network)
         expires = min(verified.exp - CACHE_MARGIN_SECONDS, now + self._max_cache)
         if expires > now:
             self._cache.put(digest, (keyset, verified), expires)
         return verified
 
-    def _verify_uncached(self, token: str, digest: bytes, now: float) -> tuple[KeySet, VerifiedToken]:
+    def _verify_uncached(self, token: str, digest: bytes, now: float,
+                         network: bool) -> tuple[KeySet, VerifiedToken]:
         try:
             parsed = parse_compact(token)
         except JwsError as exc:
@@ -107,14 +110,20 @@ class TokenVerifier:
         if issuer is None:
             raise Denied(reasons.TOKEN_ISSUER_UNKNOWN, f"issuer {iss!r} is not configured")
         rfc9068.check_type(parsed.header, issuer.accept_plain_jwt)
-        keyset = self._check_signature(parsed, issuer, now)
+        keyset = self._check_signature(parsed, issuer, now, network)
         rfc9068.check_claims(claims, required=issuer.required_claims, audiences=issuer.audiences,
                              now=now, leeway=self._leeway)
         return keyset, _verified(digest, issuer, parsed, claims)
 
-    def _check_signature(self, parsed: ParsedJws, issuer: Issuer, now: float) -> KeySet:
+    @staticmethod
+    def _refresh(issuer: Issuer, now: float, network: bool) -> bool:
+        if not network and issuer.keys.would_fetch(now):
+            raise NeedsNetwork(issuer.issuer)
+        return issuer.keys.refresh(now)
+
+    def _check_signature(self, parsed: ParsedJws, issuer: Issuer, now: float, network: bool) -> KeySet:
         keyset = issuer.keys.current()
-        if keyset is None and issuer.keys.refresh(now):
+        if keyset is None and self._refresh(issuer, now, network):
             keyset = issuer.keys.current()
         if keyset is None:
             raise Denied(reasons.JWKS_UNAVAILABLE, f"no key set for issuer {issuer.issuer!r} could be loaded")
@@ -125,7 +134,7 @@ class TokenVerifier:
             if exc.kind != JwsError.KEY_UNKNOWN:
                 raise _denial(exc) from exc
         # Unknown kid: the issuer may have rotated its keys. One refresh (rate-limited), one retry.
-        if issuer.keys.refresh(now):
+        if self._refresh(issuer, now, network):
             keyset = issuer.keys.current()
             if keyset is not None:
                 try:

@@ -20,7 +20,7 @@ from jwt.algorithms import RSAAlgorithm, get_default_algorithms
 
 from pdp import reasons
 from pdp.devpki import TokenIssuer
-from pdp.errors import Denied
+from pdp.errors import Denied, NeedsNetwork
 from pdp.jose import b64url_decode, b64url_encode
 from pdp.jwks import KeySet, RemoteKeySource, StaticKeySource, parse_jwks
 from pdp.reasons import Reason
@@ -605,3 +605,34 @@ def test_a_denied_token_is_not_cached_as_verified(issuer: TokenIssuer, now: floa
     bad = token_for(issuer, now, aud="https://other-api.test")
     denied(verifier, bad, now, reasons.TOKEN_AUDIENCE_INVALID)
     denied(verifier, bad, now, reasons.TOKEN_AUDIENCE_INVALID)
+
+
+# -- decide without network waits (the service's event-loop path) ------------------------------------
+
+def test_verify_without_network_raises_needs_network_instead_of_fetching():
+
+
+
+    issuer_key = TokenIssuer.generate("https://remote.test", kid="r1")
+    fetches: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        fetches.append(url)
+        return json.dumps(issuer_key.jwks).encode()
+
+    source = RemoteKeySource(lambda: "https://remote.test/jwks", fetch, min_interval=60, max_age=300,
+                             name="remote")
+    verifier = TokenVerifier([Issuer("https://remote.test", frozenset({"aud"}), frozenset({"ES256"}), source)])
+    token = issuer_key.mint(audience="aud")
+    now = time.time()
+    with pytest.raises(NeedsNetwork):
+        verifier.verify(token, now, network=False)
+    assert fetches == []
+    assert verifier.verify(token, now).claims["iss"] == "https://remote.test"
+    assert len(fetches) == 1
+    # Once loaded and within the rate limit, an unknown kid is denied at once, without a fetch.
+    stranger = TokenIssuer("https://remote.test", TokenIssuer.generate().key, "unknown").mint(audience="aud")
+    with pytest.raises(Denied) as denied:
+        verifier.verify(stranger, now + 1, network=False)
+    assert denied.value.reason.code == "token_key_unknown"
+    assert len(fetches) == 1
