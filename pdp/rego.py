@@ -123,9 +123,10 @@ def probe_compile(bundle: PolicyBundle) -> None:
     if bundle.engine != "regopy":
         return
     payload = json.dumps({"modules": bundle.modules, "data": bundle.data, "entrypoint": bundle.entrypoint})
+    # -I: the child imports the installed pdp, never a pdp/ folder in the working directory.
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pdp.rego"], input=payload.encode(), capture_output=True,
+            [sys.executable, "-I", "-m", "pdp.rego"], input=payload.encode(), capture_output=True,
             timeout=_PROBE_TIMEOUT, check=False)
     except subprocess.TimeoutExpired as exc:
         raise LoadError("policy.paths", "compiling the policy took too long") from exc
