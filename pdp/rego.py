@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from pdp.errors import LoadError
+from pdp.jose import DecodeError, json_object
 from pdp.policy import UNDEFINED, Evaluator, PolicyBundle, PolicyEvalError
 
 _PROBE_TIMEOUT = 60.0
@@ -40,16 +41,19 @@ class RegopyEvaluator:
         try:
             for name, source in bundle.modules:
                 it.add_module(name, source)
-            it.add_data(bundle.data)
+            # JSON text, not Python objects: regopy's object conversion does not escape strings.
+            it.add_data_json(json.dumps(bundle.data))
             self._plan = it.build(f"x = {bundle.entrypoint}")
         except regopy.RegoError as exc:
             raise LoadError("policy.paths", f"policy does not compile: {exc}") from exc
         self._it = it
 
     def _run(self, input_doc: dict[str, Any] | None, plan: Any) -> Any:
-        if input_doc is not None:
-            self._it.set_input(input_doc)
         try:
+            if input_doc is not None:
+                # As a JSON term: regopy's set_input(dict) passes strings through unescaped, so a
+                # header value holding '"' could inject members into the policy's answer.
+                self._it.set_input_term(json.dumps(input_doc))
             out = self._it.query_bundle(plan)
         except self._regopy.RegoError as exc:
             raise PolicyEvalError(str(exc)) from exc
@@ -59,8 +63,13 @@ class RegopyEvaluator:
             return UNDEFINED
         if not out.ok() or text.startswith("<error"):
             raise PolicyEvalError(f"policy evaluation failed: {text}")
-        value = json.loads(text).get("bindings", {})
-        return value.get("x", UNDEFINED)
+        try:
+            bindings = json_object(text).get("bindings", {})
+        except DecodeError as exc:  # duplicate members, bad escapes: never guess at an answer
+            raise PolicyEvalError(f"unreadable policy answer: {exc}") from exc
+        if not isinstance(bindings, dict):
+            raise PolicyEvalError("unreadable policy answer: no bindings")
+        return bindings.get("x", UNDEFINED)
 
     def evaluate(self, input_doc: dict[str, Any]) -> Any:
         return self._run(input_doc, self._plan)
@@ -110,8 +119,7 @@ def compile_evaluator(bundle: PolicyBundle) -> Evaluator:
         try:
             import regorus  # noqa: F401
         except ImportError as exc:
-            raise LoadError("policy.engine", "engine 'regorus' needs the gordon-to-regorus package "
-                                             "(pip install 'pdp[fast]')") from exc
+            raise LoadError("policy.engine", "engine 'regorus' needs the gordon-to-regorus package") from exc
         return RegorusEvaluator(bundle)
     if bundle.engine == "regopy":
         return RegopyEvaluator(bundle)
@@ -126,7 +134,7 @@ def probe_compile(bundle: PolicyBundle) -> None:
     # -I: the child imports the installed pdp, never a pdp/ folder in the working directory.
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-m", "pdp.rego"], input=payload.encode(), capture_output=True,
+            [sys.executable, "-I", "-m", "pdp.rego_probe"], input=payload.encode(), capture_output=True,
             timeout=_PROBE_TIMEOUT, check=False)
     except subprocess.TimeoutExpired as exc:
         raise LoadError("policy.paths", "compiling the policy took too long") from exc
@@ -136,18 +144,3 @@ def probe_compile(bundle: PolicyBundle) -> None:
     if proc.returncode < 0:
         raise LoadError("policy.paths", f"the Rego engine crashed compiling the policy: {detail[-500:]}")
     raise LoadError("policy.paths", detail[-2000:] or "policy does not compile")
-
-
-def _probe_main() -> int:
-    spec = json.loads(sys.stdin.buffer.read())
-    bundle = PolicyBundle(tuple((n, s) for n, s in spec["modules"]), spec["data"], spec["entrypoint"], "regopy")
-    try:
-        RegopyEvaluator(bundle)
-    except LoadError as exc:
-        print(exc.message)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_probe_main())
