@@ -39,6 +39,10 @@ from pdp.trust import ChainVerifier
 log = logging.getLogger("pdp")
 
 _BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
+# A path the upstream may read differently from the policy: dot segments, empty segments,
+# backslashes, control characters, and percent-encoded unreserved characters, slashes or backslashes.
+_AMBIGUOUS_PATH = re.compile(
+    r"//|/\.\.?(?:/|$)|\\|[\x00-\x20\x7f]|%(?:2[dDeEfF]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +145,18 @@ class Pdp:
         s = self.settings
         if len(request.headers) > s.max_headers:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"{len(request.headers)} headers (at most {s.max_headers})")
-        size = sum(len(k) + len(v) for k, v in request.headers.items())
+        size = sum(_byte_length(k) + _byte_length(v) for k, v in request.headers.items())
         if size > s.max_header_bytes:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"{size} bytes of headers (at most {s.max_header_bytes})")
         if len(request.path) > s.max_path_bytes:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"path of {len(request.path)} bytes")
         if not request.method or not request.path.startswith("/"):
             raise Denied(reasons.REQUEST_INVALID, "method or path missing")
+        path = request.path.split("?", 1)[0].split("#", 1)[0]
+        if _AMBIGUOUS_PATH.search(path):
+            # Prefix rules on such a path could be escaped ('/public/../admin'): refuse, never guess.
+            raise Denied(reasons.REQUEST_INVALID, "the path is not in normal form (dot or empty segments, "
+                                                  "backslashes or needlessly percent-encoded characters)")
 
     # -- 1. identity
     def _identity(self, request: CheckRequest, trace: _Trace) -> CertIdentity | None:
@@ -215,6 +224,8 @@ class Pdp:
     def _decision(self, decision_id: str, outcome: PolicyOutcome, trace: _Trace) -> Decision:
         if not outcome.allowed:
             reason = reasons.by_code(outcome.reason or "policy_denied")
+            if reason.status < 400:  # a deny that names a success ("allowed") is still a deny
+                reason = reasons.POLICY_DENIED
             return self._deny(decision_id, reason, reason.description, trace, outcome)
         s = self.settings
         upstream: dict[str, str] = {}
@@ -244,8 +255,11 @@ class Pdp:
         if reason.challenge:
             response_headers["www-authenticate"] = challenge(
                 realm=self.settings.realm, error=reason.oauth_error, description=reason.description)
-        code = outcome.reason if outcome and outcome.reason else reason.code
-        status = outcome.http_status if outcome and outcome.http_status else reason.status
+        code = outcome.reason if outcome and outcome.reason and reasons.by_code(outcome.reason).status >= 400 \
+            else reason.code
+        status = reason.status
+        if outcome and outcome.http_status and outcome.http_status >= 400:  # a deny is never a 2xx/3xx
+            status = outcome.http_status
         steps = (*trace.steps, Step("decision", False, f"deny {code}"))
         return Decision(
             decision_id=decision_id, allowed=False, status=status, reason=code,
@@ -267,6 +281,10 @@ class Pdp:
         if outcome is not None and outcome.dynamic_metadata:
             meta["policy"] = dict(outcome.dynamic_metadata)
         return meta
+
+
+def _byte_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _put(headers: dict[str, str], name: str, value: Any) -> None:
