@@ -57,22 +57,30 @@ class PolicyBundle:
 def entrypoint_query(path: str) -> str:
     """``pdp/authz/result`` (opa-envoy-plugin's ``path`` style) or ``data.pdp.authz.result`` → a data ref."""
     path = path.strip()
-    if path.startswith("data."):
+    if path == "data" or path.startswith("data."):
         return path
     return "data." + ".".join(p for p in path.strip("/").split("/") if p)
 
 
-def _merge(target: dict[str, Any], doc: dict[str, Any], where: str, origin: dict[str, str],
+def _merge(target: dict[str, Any], doc: dict[str, Any], where: str, origin: dict[str, str], key: str,
            prefix: str = "") -> None:
-    for key, value in doc.items():
-        dotted = f"{prefix}{key}"
-        if key in target:
-            if isinstance(target[key], dict) and isinstance(value, dict):
-                _merge(target[key], value, where, origin, dotted + ".")
+    """Merge ``doc`` into ``target``; two documents setting the same leaf is an error naming both."""
+    for name, value in doc.items():
+        dotted = f"{prefix}{name}"
+        if name in target:
+            if isinstance(target[name], dict) and isinstance(value, dict):
+                _merge(target[name], value, where, origin, key, dotted + ".")
                 continue
-            raise LoadError("policy.paths", f"data key {dotted!r} is set by both {origin[dotted]} and {where}")
-        target[key] = value
+            raise LoadError(key, f"data key {dotted!r} is set by both {_origin_of(origin, dotted)} and {where}")
+        target[name] = value
         origin[dotted] = where
+
+
+def _origin_of(origin: dict[str, str], dotted: str) -> str:
+    """The document that set ``dotted`` or, for a key inside a copied subtree, its nearest ancestor."""
+    while dotted not in origin and "." in dotted:
+        dotted = dotted.rsplit(".", 1)[0]
+    return origin.get(dotted, "another document")
 
 
 def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str = "policy.paths",
@@ -86,7 +94,7 @@ def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str
     modules: list[tuple[str, str]] = []
     data: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    json_files: list[Path] = list(data_files)
+    json_files: list[tuple[Path, str]] = [(f, "policy.data") for f in data_files]
     for root in paths:
         if root.is_file():
             files = [root]
@@ -101,15 +109,15 @@ def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str
                 except (OSError, UnicodeDecodeError) as exc:
                     raise LoadError(key, f"cannot read {str(f)!r}: {exc}") from exc
             elif f.suffix == ".json":
-                json_files.append(f)
-    for f in json_files:
+                json_files.append((f, key))
+    for f, file_key in json_files:
         try:
             doc = json.loads(f.read_text("utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise LoadError(key, f"data document {str(f)!r} is not readable JSON: {exc}") from exc
+            raise LoadError(file_key, f"data document {str(f)!r} is not readable JSON: {exc}") from exc
         if not isinstance(doc, dict):
-            raise LoadError(key, f"data document {str(f)!r} is not a JSON object")
-        _merge(data, doc, repr(str(f)), origin)
+            raise LoadError(file_key, f"data document {str(f)!r} is not a JSON object")
+        _merge(data, doc, repr(str(f)), origin, file_key)
     if not modules:
         raise LoadError(key, "no .rego modules found")
     return PolicyBundle(tuple(modules), data, entrypoint_query(entrypoint), engine)
@@ -125,6 +133,20 @@ class Evaluator(Protocol):
         """Evaluate any data reference (used by the Rego test runner)."""
 
 
+#: Each thread's compiled evaluators, by bundle version. Module-level rather than per engine, so that
+#: an evaluator is only ever dropped by the thread that made it (regorus engines refuse to be freed
+#: on another thread, which is what dropping a replaced engine's thread-locals would do).
+_THREAD = threading.local()
+_EVALUATORS_PER_THREAD = 4
+
+
+def _thread_evaluators() -> dict[str, Evaluator]:
+    cache: dict[str, Evaluator] | None = getattr(_THREAD, "evaluators", None)
+    if cache is None:
+        cache = _THREAD.evaluators = {}
+    return cache
+
+
 class PolicyEngine:
     """Evaluates one bundle from any thread, compiling a per-thread evaluator on first use."""
 
@@ -134,15 +156,17 @@ class PolicyEngine:
         self.bundle = bundle
         self.version = bundle.version
         self._compile = compile_evaluator
-        self._local = threading.local()
         # Compile once here so that a broken bundle fails at load time, not on the first request.
-        self._local.evaluator = compile_evaluator(bundle)
+        self._evaluator()
 
     def _evaluator(self) -> Evaluator:
-        evaluator: Evaluator | None = getattr(self._local, "evaluator", None)
+        cache = _thread_evaluators()
+        evaluator = cache.get(self.version)
         if evaluator is None:
             evaluator = self._compile(self.bundle)
-            self._local.evaluator = evaluator
+            while len(cache) >= _EVALUATORS_PER_THREAD:  # the oldest versions were replaced by now
+                del cache[next(iter(cache))]
+            cache[self.version] = evaluator
         return evaluator
 
     def evaluate(self, input_doc: dict[str, Any]) -> Any:
