@@ -11,6 +11,7 @@ are configured.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    engine: str = "regopy"
+    engine: str = "regorus"
     paths: tuple[Path, ...] = (DEFAULT_POLICY_DIR,)
     data: tuple[Path, ...] = ()
     decision: str = "pdp/authz/result"
@@ -99,6 +100,9 @@ class Config:
         return cls()
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
+
+
 class _Table:
     """A TOML table being read: typed getters that name the key on error, and a check for unknown keys."""
 
@@ -120,11 +124,18 @@ class _Table:
         value = self._get(name)
         if value is None:
             if required:
-                raise ConfigError(self.key(name), "is required")
+                raise self.missing(name)
             return default
         if not isinstance(value, str) or not value:
             raise ConfigError(self.key(name), "must be a non-empty string")
         return value
+
+    def missing(self, name: str, why: str = "is required") -> ConfigError:
+        """The error for a missing key, pointing at a misspelling of it if the table has one."""
+        typo = difflib.get_close_matches(name, [k for k in self.data if k not in self.used], n=1)
+        if typo:
+            return ConfigError(self.key(typo[0]), f"unknown key (did you mean {name!r}?)")
+        return ConfigError(self.key(name), why)
 
     def flag(self, name: str, default: bool) -> bool:
         value = self._get(name)
@@ -227,7 +238,8 @@ def _certificates(t: _Table, base: Path) -> CertificatesConfig:
         domain = b.text("trust_domain")
         if domain is not None:
             try:
-                parse_spiffe_id(f"spiffe://{domain}")
+                if parse_spiffe_id(f"spiffe://{domain}").path:
+                    raise SpiffeIdError("a trust domain has no path")
             except SpiffeIdError as exc:
                 raise ConfigError(b.key("trust_domain"), f"not a SPIFFE trust domain: {exc}") from exc
         b.done()
@@ -246,7 +258,7 @@ def _issuer(t: _Table, base: Path) -> IssuerConfig:
     assert issuer is not None
     audiences = t.strings("audiences")
     if not audiences:
-        raise ConfigError(t.key("audiences"), "is required: list the audiences this service accepts")
+        raise t.missing("audiences", "is required: list the audiences this service accepts")
     algorithms = t.strings("algorithms", ("RS256", "ES256"))
     for alg in algorithms:
         if alg.lower() == "none" or alg.upper().startswith("HS"):
@@ -318,7 +330,7 @@ def _decision(t: _Table, require_bound: bool) -> DecisionSettings:
 def _header_name(t: _Table, name: str, default: str) -> str:
     value = t.data.get(name, default)
     t.used.add(name)
-    if not isinstance(value, str) or (value and not value.replace("-", "").isalnum()):
+    if not isinstance(value, str) or (value and _HEADER_NAME.fullmatch(value) is None):
         raise ConfigError(t.key(name), "must be a header name, or \"\" to leave the header out")
     return value.lower()
 

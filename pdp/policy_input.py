@@ -21,10 +21,14 @@ NO_TOKEN: dict[str, Any] = {"present": False}
 
 
 def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
-    """``/a/b?x=1&x=2`` → (["a", "b"], {"x": ["1", "2"]}), as opa-envoy-plugin's parsed_path/parsed_query."""
+    """``/a/b?x=1&x=2`` → (["a", "b"], {"x": ["1", "2"]}), as opa-envoy-plugin's parsed_path/parsed_query.
+
+    Like the plugin: the path is percent-decoded, leading slashes are dropped and
+    the rest is split on ``/``, so ``/`` gives ``[""]`` and ``/a/`` ``["a", ""]``.
+    """
     raw_path, _, query = path.partition("?")
     raw_path = raw_path.split("#", 1)[0]
-    segments = [urllib.parse.unquote(s) for s in raw_path.strip("/").split("/")] if raw_path.strip("/") else []
+    segments = urllib.parse.unquote(raw_path).lstrip("/").split("/")
     parsed_query: dict[str, list[str]] = {}
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         parsed_query.setdefault(key, []).append(value)

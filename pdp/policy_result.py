@@ -49,7 +49,9 @@ def _headers(value: Any, member: str) -> dict[str, str]:
         if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
             raise PolicyResultError(f"'{member}' has an invalid header name {name!r}")
         if isinstance(v, list):
-            v = ", ".join(str(x) for x in v)
+            if not all(isinstance(x, str) for x in v):
+                raise PolicyResultError(f"'{member}.{name}' is not a list of strings")
+            v = ", ".join(v)
         if not isinstance(v, str | int | float) or isinstance(v, bool):
             raise PolicyResultError(f"'{member}.{name}' is not a string")
         text = str(v)
