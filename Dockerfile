@@ -6,7 +6,7 @@ COPY pyproject.toml README.md ./
 COPY pdp pdp
 COPY adapters adapters
 COPY policies policies
-RUN pip install --no-cache-dir '.[fast]' && rm -rf /src
+RUN pip install --no-cache-dir . && rm -rf /src
 
 WORKDIR /
 USER 65532:65532

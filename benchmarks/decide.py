@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import re
 import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -31,6 +32,7 @@ from pdp.config import load_config
 from pdp.devinit import dev_init
 from pdp.devpki import TokenIssuer, load_private_key
 from pdp.pem import pem_to_der_chain
+from pdp.pipeline import Pdp
 from pdp.policy_input import build_input
 from pdp.request import CheckRequest
 
@@ -91,6 +93,30 @@ def http_throughput(dev: Path, requests: int, workers: int) -> tuple[float, floa
         proc.wait(timeout=20)
 
 
+def engine_pdp(dev: Path, engine: str) -> Pdp:
+    cfg_path = dev / f"pdp-{engine}.toml"
+    cfg_path.write_text(re.sub(r'engine = "\w+"', f'engine = "{engine}"', (dev / "pdp.toml").read_text()))
+    pdp = build_pdp(load_config(cfg_path))
+    pdp.decision_log.enabled = False
+    return pdp
+
+
+def decision_rows(pdp: Pdp, engine: str, chain: tuple[bytes, ...], token: str, headers: Mapping[str, str],
+                  n: int) -> list[tuple[str, float]]:
+    def request() -> CheckRequest:
+        return CheckRequest(method="GET", path="/orders?page=2", host="api.example.org", time=time.time(),
+                            headers=headers, client_cert_chain=chain)
+
+    decision = pdp.decide(request())
+    assert decision.allowed, decision.explanation()
+    req = request()
+    identity = pdp.certificates.verify(chain, req.time)
+    verified = pdp.tokens.verify(token, req.time)
+    doc = build_input(req, identity, verified, {"method": "x5t#S256", "bound": True})
+    return [(f"{engine}: cached-path decide()", cpu_us(lambda: pdp.decide(request()), n)),
+            (f"{engine}: policy evaluation alone", cpu_us(lambda: pdp.policy.evaluate(doc), n))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=5000)
@@ -106,24 +132,12 @@ def main() -> None:
                                 "accept": "*/*", "x-request-id": "4f1c2b"})
     rows: list[tuple[str, float]] = []
     for engine in ("regopy", "regorus"):
-        text = (dev / "pdp.toml").read_text().replace('engine = "regopy"', f'engine = "{engine}"')
-        cfg_path = dev / f"pdp-{engine}.toml"
-        cfg_path.write_text(text)
-        pdp = build_pdp(load_config(cfg_path))
-        pdp.decision_log.enabled = False
-
-        def request() -> CheckRequest:
-            return CheckRequest(method="GET", path="/orders?page=2", host="api.example.org", time=time.time(),
-                                headers=headers, client_cert_chain=chain)
-
-        decision = pdp.decide(request())
-        assert decision.allowed, decision.explanation()
-        req = request()
-        identity = pdp.certificates.verify(chain, req.time)
-        verified = pdp.tokens.verify(token, req.time)
-        doc = build_input(req, identity, verified, {"method": "x5t#S256", "bound": True})
-        rows.append((f"{engine}: cached-path decide()", cpu_us(lambda: pdp.decide(request()), args.n)))
-        rows.append((f"{engine}: policy evaluation alone", cpu_us(lambda: pdp.policy.evaluate(doc), args.n)))
+        pdp = engine_pdp(dev, engine)
+        rows += decision_rows(pdp, engine, chain, token, headers, args.n)
+    req = CheckRequest(method="GET", path="/orders", host="api.example.org", time=time.time(), headers=headers,
+                       client_cert_chain=chain)
+    identity = pdp.certificates.verify(chain, req.time)
+    verified = pdp.tokens.verify(token, req.time)
     rows.append(("build_input", cpu_us(lambda: build_input(req, identity, verified, {"bound": True}), args.n)))
     rows.append(("cached chain look-up (sha256 + cache)", cpu_us(lambda: pdp.certificates.verify(chain, req.time),
                                                                    args.n)))
@@ -144,7 +158,7 @@ def main() -> None:
     print(f"peak RSS after the in-process runs: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if args.http_requests:
         for engine in ("regopy", "regorus"):
-            text = (dev / "pdp.toml").read_text().replace('engine = "regopy"', f'engine = "{engine}"')
+            text = re.sub(r'engine = "\w+"', f'engine = "{engine}"', (dev / "pdp.toml").read_text())
             (dev / "pdp.toml").write_text(text)
             rps, p99 = http_throughput(dev, args.http_requests, args.workers)
             print(f"HTTP /v1/check, one process, {engine}, {args.workers} clients: {rps:,.0f} req/s, p99 {p99:.1f} ms")

@@ -30,7 +30,7 @@ http = "127.0.0.1:8181"
 reload_interval = 2.0
 
 [policy]
-engine = "regopy"
+engine = "regorus"
 paths = ["policy"]
 
 [certificates]

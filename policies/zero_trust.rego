@@ -14,10 +14,13 @@
 #   require_bound_token    false accepts tokens without cnf.x5t#S256
 #   routes                 [{prefix, methods?, spiffe_ids?, scopes?}]: every route whose path
 #                          prefix (and method, if listed) matches applies; spiffe_ids entries are
-#                          exact IDs or prefixes ending in "/*"; every listed scope is required
+#                          exact IDs or prefixes ending in "/*"; every listed scope is required.
+#                          A request no route covers (say, an unlisted method) is denied.
 #
 # input.path is the request path without query string (a pdp addition to the
-# opa-envoy-plugin input; attributes.request.http.path keeps the query).
+# opa-envoy-plugin input; attributes.request.http.path keeps the query). pdp refuses
+# paths that are not in normal form (dot segments, "//", needless percent-encoding)
+# before the policy runs, so prefix matching here cannot be escaped.
 package pdp.authz
 
 import rego.v1
@@ -37,6 +40,8 @@ result := {"allowed": true, "reason": "public_path"} if {
 } else := {"allowed": false, "reason": "token_unbound"} if {
 	config.require_bound_token
 	not input.binding.bound
+} else := {"allowed": false, "reason": "policy_denied"} if {
+	count(matching_routes) == 0
 } else := {"allowed": false, "reason": "spiffe_id_denied"} if {
 	spiffe_id_denied
 } else := {"allowed": false, "reason": "insufficient_scope"} if {

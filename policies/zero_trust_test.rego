@@ -106,3 +106,9 @@ test_admin_allowed if {
 	r := data.pdp.authz.result with input as req("GET", "/admin/users", admin_cert, token(["read", "admin"]), bound)
 	r.allowed
 }
+
+test_a_method_no_route_covers_is_denied if {
+	r := data.pdp.authz.result with input as req("OPTIONS", "/orders", cert, token(["read", "write"]), bound)
+	not r.allowed
+	r.reason == "policy_denied"
+}
