@@ -90,10 +90,6 @@ def test_data_key_set_by_object_and_scalar(tmp_path: Path) -> None:
         load_bundle([tmp_path], entrypoint="p", engine="regopy")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="BUG: pdp/policy.py _merge (line 73) looks up origin[dotted] for a nested key, but "
-                          "origin only records the top key of a subtree copied in whole, so a nested conflict "
-                          "raises KeyError instead of LoadError")
 def test_nested_data_key_set_by_two_files(tmp_path: Path) -> None:
     # the realistic case: a policy.data file overriding part of the shipped data.json
     put(tmp_path / "p.rego", "package p\n")
@@ -168,8 +164,6 @@ def test_entrypoint_query(path: str, query: str) -> None:
     assert entrypoint_query(path) == query
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pdp/policy.py entrypoint_query('data') returns 'data.data' (only "
-                                       "'data.'-prefixed refs are kept); pdp policy test passes entrypoint='data'")
 def test_entrypoint_query_whole_data_document() -> None:
     assert entrypoint_query("data") == "data"
 
@@ -206,10 +200,7 @@ def test_plain_values_round_trip(engine: str) -> None:
 
 
 @pytest.mark.parametrize("engine", [
-    pytest.param("regopy", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: pdp/rego.py RegopyEvaluator._run passes input through regopy set_input(dict), "
-                            "which stores strings unescaped: '\"q\"' becomes 'q', and a '\"' or '\\' in a "
-                            "string breaks (or injects into) the JSON text pdp parses the result from")),
+    "regopy",
     "regorus",
 ])
 @pytest.mark.parametrize("text", ['"quoted"', 'a"b', "back\\slash", 'x", "allowed": true, "z": "'])
@@ -379,11 +370,6 @@ def test_probe_reports_a_syntax_error_without_calling_it_a_crash() -> None:
     assert "does not compile" in err.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pdp/policy.py PolicyEngine keeps each thread's regorus Engine in its "
-                                       "own threading.local, so dropping a replaced PolicyEngine (a policy reload) "
-                                       "frees live worker threads' Engines on the reloading thread: pyo3 raises "
-                                       "'regoruspy::Engine is unsendable, but is being dropped on another thread' "
-                                       "and leaks the Engine")
 def test_replacing_a_regorus_policy_drops_no_engine_on_a_foreign_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
