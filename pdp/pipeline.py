@@ -133,8 +133,9 @@ class Pdp:
     def _record(self, decision: Decision, request: CheckRequest, trace: _Trace, policy_version: str,
                 duration: float) -> None:
         try:
-            self.decision_log.write(log_record(decision, request, trace.identity, trace.token,
-                                               policy_version, duration))
+            if self.decision_log.enabled:
+                self.decision_log.write(log_record(decision, request, trace.identity, trace.token,
+                                                   policy_version, duration))
             for sink in self.sinks:
                 sink(decision, duration)
         except Exception:
@@ -145,7 +146,9 @@ class Pdp:
         s = self.settings
         if len(request.headers) > s.max_headers:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"{len(request.headers)} headers (at most {s.max_headers})")
-        size = sum(_byte_length(k) + _byte_length(v) for k, v in request.headers.items())
+        size = sum(len(k) + len(v) for k, v in request.headers.items())
+        if size * 4 > s.max_header_bytes:  # a character is at most 4 bytes of UTF-8: only then count bytes
+            size = sum(_byte_length(k) + _byte_length(v) for k, v in request.headers.items())
         if size > s.max_header_bytes:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"{size} bytes of headers (at most {s.max_header_bytes})")
         if len(request.path) > s.max_path_bytes:
