@@ -54,7 +54,7 @@ def free_port() -> int:
 def http_throughput(dev: Path, requests: int, workers: int) -> tuple[float, float]:
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "pdp"), "serve", "--config", str(dev / "pdp.toml"),
-                             "--http", f"127.0.0.1:{port}", "--log-level", "warning"],
+                             "--http", f"127.0.0.1:{port}", "--grpc", "", "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -48,7 +48,8 @@ def policy_files(config: Config) -> list[Path]:
 
 
 def load_trust(config: Config) -> list[TrustBundle]:
-    return [load_trust_bundle(b.file, b.name, b.trust_domain, f"certificates.trust_bundles[{i}].file")
+    return [load_trust_bundle(b.file, b.name, b.trust_domain, f"certificates.trust_bundles[{i}].file",
+                              b.intermediates, f"certificates.trust_bundles[{i}].intermediates")
             for i, b in enumerate(config.certificates.trust_bundles)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -39,13 +40,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdp.service import Service
 
     config = _config(args.config)
+    overrides = {k: v for k, v in (("http", args.http), ("grpc", args.grpc)) if v is not None}
+    if overrides:
+        from pdp.config import parse_listen
+
+        for key, value in overrides.items():
+            parse_listen(value, f"--{key}", allow_off=key == "grpc")
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
     _setup_logging(args.log_level or config.log.level)
     if args.config is None:
         logging.getLogger("pdp").warning(
             "no --config: serving the embedded defaults (the shipped zero-trust policy, no trust bundles, "
             "no issuers), so every request that needs credentials is denied. `pdp dev init DIR` writes a "
             "working setup.")
-    listen = args.http or config.server.http
+    listen = config.server.http
     host, _, port = listen.rpartition(":")
     service = Service(config)
     logging.getLogger("pdp").info("pdp listening on http://%s (policy %s, engine %s)", listen,
@@ -240,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the decision service")
     p.add_argument("--config", help="the TOML config file (default: embedded defaults)")
     p.add_argument("--http", help="HOST:PORT to listen on (overrides server.http)")
+    p.add_argument("--grpc", help="HOST:PORT for Envoy's gRPC ext_authz (overrides server.grpc; '' turns it off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

@@ -30,6 +30,9 @@ from pdp.spiffe import SpiffeIdError, parse_spiffe_id
 @dataclass(frozen=True)
 class ServerConfig:
     http: str = "127.0.0.1:8181"
+    #: Envoy ext_authz gRPC listener; "" turns it off.
+    grpc: str = "127.0.0.1:9191"
+    grpc_workers: int = 8
     reload_interval: float = 2.0
     max_body_bytes: int = 1024 * 1024
 
@@ -47,6 +50,7 @@ class TrustBundleConfig:
     name: str
     file: Path
     trust_domain: str | None = None
+    intermediates: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -196,17 +200,29 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _listen(t: _Table, name: str, default: str) -> str:
-    value = t.text(name, default) or default
+def parse_listen(value: str, key: str, *, allow_off: bool = False) -> str:
+    """Check a HOST:PORT listen address ("" when ``allow_off``); the error names ``key``."""
+    if allow_off and value == "":
+        return value
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(t.key(name), f"must be HOST:PORT, not {value!r}")
+        raise ConfigError(key, f"must be HOST:PORT, not {value!r}")
     return value
 
 
+def _listen(t: _Table, name: str, default: str) -> str:
+    return parse_listen(t.text(name, default) or default, t.key(name))
+
+
 def _server(t: _Table) -> ServerConfig:
+    t.used.add("grpc")
+    grpc = t.data.get("grpc", ServerConfig.grpc)
+    if not isinstance(grpc, str):
+        raise ConfigError(t.key("grpc"), "must be HOST:PORT, or \"\" to turn the gRPC listener off")
     cfg = ServerConfig(
         http=_listen(t, "http", ServerConfig.http),
+        grpc=parse_listen(grpc, t.key("grpc"), allow_off=True),
+        grpc_workers=t.integer("grpc_workers", ServerConfig.grpc_workers, minimum=1),
         reload_interval=t.number("reload_interval", ServerConfig.reload_interval),
         max_body_bytes=t.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=1024),
     )
@@ -242,8 +258,10 @@ def _certificates(t: _Table, base: Path) -> CertificatesConfig:
                     raise SpiffeIdError("a trust domain has no path")
             except SpiffeIdError as exc:
                 raise ConfigError(b.key("trust_domain"), f"not a SPIFFE trust domain: {exc}") from exc
+        intermediates = b.text("intermediates")
         b.done()
-        bundles.append(TrustBundleConfig(name=name, file=_path(base, file), trust_domain=domain))
+        bundles.append(TrustBundleConfig(name=name, file=_path(base, file), trust_domain=domain,
+                                         intermediates=_path(base, intermediates) if intermediates else None))
     cfg = CertificatesConfig(
         trust_bundles=tuple(bundles),
         max_chain_depth=t.integer("max_chain_depth", CertificatesConfig.max_chain_depth, minimum=1),

@@ -27,6 +27,7 @@ CONFIG = f"""\
 
 [server]
 http = "127.0.0.1:8181"
+grpc = "127.0.0.1:9191"   # Envoy ext_authz (gRPC); "" turns it off
 reload_interval = 2.0
 
 [policy]

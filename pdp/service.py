@@ -1,6 +1,6 @@
-"""``pdp serve``: the decision service (starlette + uvicorn).
+"""``pdp serve``: the decision service (starlette + uvicorn, and grpcio for Envoy's gRPC ext_authz).
 
-Routes: ``POST /v1/check`` (the JSON check protocol of
+HTTP routes: ``POST /v1/check`` (the JSON check protocol of
 ``pdp.adapters.json_check``), ``GET /healthz`` (the process is up),
 ``GET /readyz`` (policy and trust bundles are loaded), ``GET /metrics``
 (Prometheus). Background threads re-read changed policy, trust-bundle and
@@ -37,6 +37,7 @@ from pdp.assemble import (
 )
 from pdp.config import Config
 from pdp.errors import NeedsNetwork
+from pdp.grpc_listener import GrpcListener
 from pdp.jwks import StaticKeySource
 from pdp.metrics import CONTENT_TYPE, Metrics
 from pdp.pipeline import Pdp
@@ -60,13 +61,15 @@ class Service:
         self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self.grpc: GrpcListener | None = None
 
     # -- keeping current
     def _watched(self) -> list[Watched]:
         cfg = self.config
         parts = [
             Watched("policy", lambda: policy_files(cfg), self._reload_policy),
-            Watched("trust_bundles", lambda: [b.file for b in cfg.certificates.trust_bundles],
+            Watched("trust_bundles", lambda: [f for b in cfg.certificates.trust_bundles
+                                              for f in (b.file, b.intermediates) if f is not None],
                     lambda: self.pdp.certificates.replace_bundles(load_trust(cfg))),
         ]
         for i, iss in enumerate(cfg.tokens.issuers):
@@ -102,6 +105,10 @@ class Service:
                     self.metrics.jwks_refresh_failures.labels(source.name).inc()
 
     def start(self) -> None:
+        if self.config.server.grpc and self.grpc is None:
+            self.grpc = GrpcListener(lambda: self.pdp, self.config.server.grpc,
+                                     workers=self.config.server.grpc_workers)
+            self.grpc.start()
         self.reloader.start()
         if self.keys.remote() and self._refresher is None:
             def loop() -> None:
@@ -114,6 +121,9 @@ class Service:
             self._refresher.start()
 
     def stop(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop()
+            self.grpc = None
         self._stop.set()
         self.reloader.stop()
         if self._refresher is not None:

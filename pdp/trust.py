@@ -36,9 +36,14 @@ from pdp.pem import PemError, pem_to_der_chain
 
 @dataclass(frozen=True)
 class TrustBundle:
+    """Trust anchors (``roots``), optionally pinned to a SPIFFE trust domain, and ``intermediates``:
+    CA certificates offered to path building but not trusted by themselves, for gateways that
+    hand over only the client's leaf (Envoy's ``include_peer_certificate``)."""
+
     name: str
     roots: tuple[x509.Certificate, ...]
     trust_domain: str | None = None
+    intermediates: tuple[x509.Certificate, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_store", Store(list(self.roots)))
@@ -52,17 +57,23 @@ class TrustBundle:
         return self.trust_domain is None or self.trust_domain == trust_domain
 
 
-def load_bundle(path: Path, name: str, trust_domain: str | None, key: str) -> TrustBundle:
-    """Load a PEM file of root certificates; ``key`` names the setting for errors."""
+def load_certificates(path: Path, key: str) -> tuple[x509.Certificate, ...]:
+    """A PEM file of certificates; errors name the setting ``key``."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise LoadError(key, f"cannot read trust bundle {str(path)!r}: {exc.strerror or exc}") from exc
+        raise LoadError(key, f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
     try:
-        roots = tuple(x509.load_der_x509_certificate(der) for der in pem_to_der_chain(data))
+        return tuple(x509.load_der_x509_certificate(der) for der in pem_to_der_chain(data))
     except (PemError, ValueError) as exc:
-        raise LoadError(key, f"trust bundle {str(path)!r} is not a PEM list of certificates: {exc}") from exc
-    return TrustBundle(name=name, roots=roots, trust_domain=trust_domain)
+        raise LoadError(key, f"{str(path)!r} is not a PEM list of certificates: {exc}") from exc
+
+
+def load_bundle(path: Path, name: str, trust_domain: str | None, key: str,
+                intermediates: Path | None = None, intermediates_key: str = "") -> TrustBundle:
+    """Load a PEM file of root certificates (and optionally one of intermediates)."""
+    return TrustBundle(name=name, roots=load_certificates(path, key), trust_domain=trust_domain,
+                       intermediates=load_certificates(intermediates, intermediates_key) if intermediates else ())
 
 
 # Web PKI rules for CAs; for the client leaf the same, except that a SAN is optional: many
@@ -124,7 +135,7 @@ class ChainVerifier:
                         .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
                         .build_client_verifier())
             try:
-                verified = verifier.verify(leaf, certs[1:])
+                verified = verifier.verify(leaf, [*certs[1:], *bundle.intermediates])
             except VerificationError as exc:
                 errors.append(f"{bundle.name}: {exc}")
                 continue

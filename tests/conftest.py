@@ -87,11 +87,14 @@ def write_setup(tmp_path: Path, pki: Pki, issuer: TokenIssuer) -> SetupWriter:
     def write(*, engine: str = "regopy", require_bound: bool = True, policy_paths: list[str] | None = None,
               extra: str = "", issuer_extra: str = "", reload_interval: float = 0.0) -> Path:
         (tmp_path / "ca.pem").write_bytes(pki.root.pem)
+        # Gateways like Envoy hand over only the leaf: the bundle knows the intermediate.
+        (tmp_path / "intermediates.pem").write_bytes(pki.intermediate.pem)
         (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks))
         paths = "" if policy_paths is None else f"paths = {json.dumps(policy_paths)}\n"
         text = f"""
 [server]
 http = "127.0.0.1:0"
+grpc = "127.0.0.1:0"
 reload_interval = {reload_interval}
 
 [policy]
@@ -100,6 +103,7 @@ engine = "{engine}"
 [[certificates.trust_bundles]]
 name = "example.org"
 file = "ca.pem"
+intermediates = "intermediates.pem"
 trust_domain = "example.org"
 
 [tokens]

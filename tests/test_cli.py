@@ -131,8 +131,8 @@ def test_policy_test_reports_failures_with_exit_1(tmp_path):
 
 
 def _serve(*args: str, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PDP, "serve", *args, "--http", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen([PDP, "serve", *args, "--http", f"127.0.0.1:{port}", "--grpc", "127.0.0.1:0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -38,7 +38,8 @@ def running_dev(tmp_path_factory: pytest.TempPathFactory):
     dev = tmp_path_factory.mktemp("ex") / "dev"
     dev_init(dev)
     port = free_port()
-    proc = subprocess.Popen([PDP, "serve", "--config", str(dev / "pdp.toml"), "--http", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([PDP, "serve", "--config", str(dev / "pdp.toml"), "--http", f"127.0.0.1:{port}",
+                             "--grpc", "127.0.0.1:0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz")

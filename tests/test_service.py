@@ -183,6 +183,7 @@ def _remote_config(tmp_path: Path, pki: Pki, issuer_url: str, how: str) -> Path:
     path.write_text(f"""
 [server]
 reload_interval = 0
+grpc = "127.0.0.1:0"
 [[certificates.trust_bundles]]
 name = "example.org"
 file = "ca.pem"

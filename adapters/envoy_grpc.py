@@ -1,0 +1,155 @@
+"""Envoy's external authorization service, gRPC v3 (``envoy.service.auth.v3.Authorization/Check``).
+
+Speaks Envoy's own generated protos (``xds-protos``). The client certificate
+comes from ``attributes.source.certificate`` (URL-encoded PEM, sent when the
+listener has ``include_peer_certificate: true``); method, path with query,
+host, scheme and headers from ``attributes.request.http``;
+``context_extensions`` and ``metadata_context`` go to the policy as-is.
+
+An allow is ``OK`` with an ``OkHttpResponse`` (headers to add upstream,
+headers to remove, response headers). A deny is ``UNAUTHENTICATED`` (401) or
+``PERMISSION_DENIED`` (anything else) with a ``DeniedHttpResponse`` holding
+the status, the ``WWW-Authenticate`` challenge and a small JSON body naming the
+reason code. Every failure, even an internal one, is a deny answer, never an
+RPC error that a ``failure_mode_allow: true`` gateway would let through.
+``dynamic_metadata`` carries the decision id, the reason and the verified
+identity for Envoy's access log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from pdp import reasons
+from pdp.decision import Decision
+from pdp.pem import PemError, pem_to_der_chain
+from pdp.pipeline import Pdp
+from pdp.request import CheckRequest
+
+log = logging.getLogger("pdp.envoy")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def to_check_request(message: external_auth_pb2.CheckRequest, *, now: float) -> CheckRequest:
+    """Envoy's ``CheckRequest`` → pdp's ``CheckRequest``."""
+    attributes = message.attributes
+    http = attributes.request.http
+    headers: dict[str, str] = {k.lower(): v for k, v in http.headers.items()}
+    for entry in http.header_map.headers:  # Envoy sends this form with encode_raw_headers
+        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        key = entry.key.lower()
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    chain: tuple[bytes, ...] = ()
+    cert_error: str | None = None
+    if attributes.source.certificate:
+        try:
+            chain = pem_to_der_chain(urllib.parse.unquote(attributes.source.certificate))
+        except PemError as exc:
+            cert_error = f"attributes.source.certificate: {exc}"
+    path = http.path
+    if http.query and "?" not in path:
+        path = f"{path}?{http.query}"
+    context: dict[str, Any] = {"context_extensions": dict(attributes.context_extensions)}
+    if attributes.HasField("metadata_context"):
+        context["metadata_context"] = json_format.MessageToDict(attributes.metadata_context)
+    if attributes.source.principal:
+        context["source_principal"] = attributes.source.principal
+    return CheckRequest(
+        method=http.method.upper(),
+        path=path,
+        host=http.host or headers.get(":authority", ""),
+        scheme=http.scheme or "https",
+        protocol=http.protocol or "HTTP/1.1",
+        headers=MappingProxyType(headers),
+        client_cert_chain=chain,
+        client_cert_error=cert_error,
+        source_address=attributes.source.address.socket_address.address,
+        time=now,
+        context=MappingProxyType(context),
+    )
+
+
+def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOption]:
+    return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
+            for k, v in headers.items()]
+
+
+def _metadata(decision: Decision) -> struct_pb2.Struct:
+    meta = struct_pb2.Struct()
+    meta.update({k: v for k, v in decision.metadata.items() if v is not None})
+    return meta
+
+
+def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    """pdp's ``Decision`` → Envoy's ``CheckResponse``."""
+    if decision.allowed:
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=_header_options(decision.headers),
+                headers_to_remove=list(decision.headers_to_remove),
+                response_headers_to_add=_header_options(decision.response_headers),
+            ),
+            dynamic_metadata=_metadata(decision),
+        )
+    body = decision.body or json.dumps({"reason": decision.reason, "decision_id": decision.decision_id})
+    headers = dict(decision.response_headers)
+    if not decision.body:
+        headers.setdefault("content-type", "application/json")
+    code = code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code, message=decision.reason),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            headers=_header_options(headers),
+            body=body,
+        ),
+        dynamic_metadata=_metadata(decision),
+    )
+
+
+class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The ``Authorization`` service. ``pdp`` is read on every call, so a swapped ``Pdp`` takes effect."""
+
+    def __init__(self, pdp: Callable[[], Pdp]) -> None:
+        self._pdp = pdp
+
+    def Check(self, request: external_auth_pb2.CheckRequest,
+              context: grpc.ServicerContext) -> external_auth_pb2.CheckResponse:
+        pdp = self._pdp()
+        now = time.time()
+        try:
+            try:
+                check = to_check_request(request, now=now)
+            except Exception as exc:  # a request we cannot read is a deny, never an RPC error
+                log.warning("unreadable CheckRequest: %s", exc)
+                return to_check_response(pdp.refuse(reasons.REQUEST_INVALID, "unreadable CheckRequest",
+                                                    CheckRequest(method="", path="", time=now)))
+            return to_check_response(pdp.decide(check))
+        except Exception:
+            log.exception("Check failed; denying")
+            return INTERNAL_ERROR_RESPONSE
+
+
+#: The answer when even rendering a decision failed: a deny, in the shape Envoy expects.
+INTERNAL_ERROR_RESPONSE = external_auth_pb2.CheckResponse(
+    status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=reasons.INTERNAL_ERROR.code),
+    denied_response=external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+        body=json.dumps({"reason": reasons.INTERNAL_ERROR.code}),
+    ),
+)
