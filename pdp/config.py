@@ -84,6 +84,17 @@ class TokensConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """The HTTP ext_authz endpoint and the proxies whose certificate headers are believed."""
+
+    ext_authz_prefix: str = "/ext_authz"
+    trusted_proxies: tuple[str, ...] = ()
+    cert_header: str = ""
+    cert_header_name: str = ""
+    xfcc_element: str = "last"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     decisions: bool = True
@@ -96,6 +107,7 @@ class Config:
     certificates: CertificatesConfig = field(default_factory=CertificatesConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
 
@@ -353,6 +365,33 @@ def _header_name(t: _Table, name: str, default: str) -> str:
     return value.lower()
 
 
+def _gateway(t: _Table) -> GatewayConfig:
+    from pdp.adapters.cert_headers import FORMATS, parse_networks
+
+    d = GatewayConfig()
+    prefix = t.text("ext_authz_prefix", d.ext_authz_prefix) or d.ext_authz_prefix
+    if not prefix.startswith("/") or prefix.endswith("/") or prefix in ("/v1", "/healthz", "/readyz", "/metrics"):
+        raise ConfigError(t.key("ext_authz_prefix"), "must be a path like /ext_authz (no trailing slash)")
+    proxies = t.strings("trusted_proxies")
+    try:
+        parse_networks(proxies)
+    except ValueError as exc:
+        raise ConfigError(t.key("trusted_proxies"), f"not an address or network: {exc}") from exc
+    fmt = t.data.get("cert_header", "")
+    t.used.add("cert_header")
+    if fmt != "" and fmt not in FORMATS:
+        raise ConfigError(t.key("cert_header"), f"must be one of {', '.join(FORMATS)}, or \"\"")
+    if fmt and not proxies:
+        raise ConfigError(t.key("trusted_proxies"), "is required with cert_header: whose headers to believe")
+    element = t.text("xfcc_element", "last") or "last"
+    if element not in ("last", "first"):
+        raise ConfigError(t.key("xfcc_element"), "must be last or first")
+    cfg = GatewayConfig(ext_authz_prefix=prefix, trusted_proxies=proxies, cert_header=fmt,
+                        cert_header_name=(t.text("cert_header_name", "") or "").lower(), xfcc_element=element)
+    t.done()
+    return cfg
+
+
 def _log(t: _Table) -> LogConfig:
     level = (t.text("level", "info") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -371,6 +410,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
         certificates=_certificates(root.table("certificates"), base),
         tokens=tokens,
         decision=_decision(root.table("decision"), tokens.require_bound),
+        gateway=_gateway(root.table("gateway")),
         log=_log(root.table("log")),
         source=source,
     )

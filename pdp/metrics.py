@@ -22,6 +22,9 @@ class Metrics:
                                ["part", "result"], registry=self.registry)
         self.jwks_refresh_failures = Counter("pdp_jwks_refresh_failures", "Failed JWKS fetches, by issuer.",
                                              ["issuer"], registry=self.registry)
+        self.untrusted_cert_headers = Counter(
+            "pdp_untrusted_cert_headers", "Certificate headers ignored because the peer is not a trusted proxy.",
+            registry=self.registry)
         self.policy_info = Gauge("pdp_policy_info", "The policy version in force.", ["version", "engine"],
                                  registry=self.registry)
 

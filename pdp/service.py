@@ -26,6 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pdp import reasons
+from pdp.adapters import http_authz
+from pdp.adapters.cert_headers import CertificateHeaders
 from pdp.adapters.json_check import RequestDocumentError, parse_request, render
 from pdp.assemble import (
     build_key_sources,
@@ -36,6 +38,7 @@ from pdp.assemble import (
     policy_files,
 )
 from pdp.config import Config
+from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
 from pdp.grpc_listener import GrpcListener
 from pdp.jwks import StaticKeySource
@@ -62,6 +65,9 @@ class Service:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self.grpc: GrpcListener | None = None
+        gw = config.gateway
+        self.cert_headers = CertificateHeaders(gw.cert_header, gw.trusted_proxies, header=gw.cert_header_name or None,
+                                               xfcc_element=gw.xfcc_element) if gw.cert_header else None
 
     # -- keeping current
     def _watched(self) -> list[Watched]:
@@ -160,12 +166,29 @@ class Service:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
             return JSONResponse(render(decision), status_code=400)
+        return JSONResponse(render(await self._decide(check)))
+
+    async def _decide(self, check: CheckRequest) -> Decision:
         try:
             # Decisions are CPU work: inline on the event loop, unless one must wait on a JWKS fetch.
-            decision = self.pdp.decide(check, network=False)
+            return self.pdp.decide(check, network=False)
         except NeedsNetwork:
-            decision = await run_in_threadpool(self.pdp.decide, check)
-        return JSONResponse(render(decision))
+            return await run_in_threadpool(self.pdp.decide, check)
+
+    async def ext_authz(self, request: Request) -> Response:
+        """Envoy http_service / nginx auth_request / Traefik forwardAuth."""
+        peer = request.client.host if request.client else ""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]}
+        check, ignored = http_authz.to_check_request(
+            method=request.method, path=request.url.path, query=request.url.query, headers=headers, peer=peer,
+            prefix=self.config.gateway.ext_authz_prefix, certificates=self.cert_headers,
+            trusted=self.cert_headers.trusts(peer) if self.cert_headers else False, now=time.time())
+        if ignored:
+            self.metrics.untrusted_cert_headers.inc()
+            log.warning("ignored a %s header from %s, which is not a trusted proxy",
+                        self.cert_headers.header if self.cert_headers else "certificate", peer)
+        status, out_headers, body = http_authz.render(await self._decide(check))
+        return Response(body, status_code=status, headers=out_headers)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -186,8 +209,11 @@ class Service:
             finally:
                 self.stop()
 
+        prefix = self.config.gateway.ext_authz_prefix
         return Starlette(
             routes=[
+                Route(prefix, self.ext_authz, methods=_ALL_METHODS),
+                Route(prefix + "/{rest:path}", self.ext_authz, methods=_ALL_METHODS),
                 Route("/v1/check", self.check, methods=["POST"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
@@ -199,6 +225,9 @@ class Service:
 
 def _listing(path: Path) -> Callable[[], list[Path]]:
     return lambda: [path]
+
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 
 
 class _TooLarge(Exception):
