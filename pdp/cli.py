@@ -56,10 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listen = config.server.http
     host, _, port = listen.rpartition(":")
     service = Service(config)
-    logging.getLogger("pdp").info("pdp listening on http://%s (policy %s, engine %s)", listen,
+    scheme = "https" if config.server.tls else "http"
+    logging.getLogger("pdp").info("pdp listening on %s://%s (policy %s, engine %s)", scheme, listen,
                                   service.pdp.policy.version, config.policy.engine)
-    uvicorn.run(service.app(), host=host.strip("[]"), port=int(port), access_log=False,
-                log_level="warning", lifespan="on")
+    uvicorn.Server(service.uvicorn_config(host.strip("[]"), int(port), log_level="warning")).run()
     return 0
 
 

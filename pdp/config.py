@@ -20,6 +20,7 @@ from typing import Any
 
 from pdp.errors import ConfigError
 from pdp.jws import ASYMMETRIC_ALGORITHMS
+from pdp.listener_tls import ListenerTls
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
 from pdp.policy import ENGINES
@@ -30,6 +31,8 @@ from pdp.spiffe import SpiffeIdError, parse_spiffe_id
 @dataclass(frozen=True)
 class ServerConfig:
     http: str = "127.0.0.1:8181"
+    #: TLS for both listeners (and which gateways may call), or None for plain text on loopback.
+    tls: ListenerTls | None = None
     #: Envoy ext_authz gRPC listener; "" turns it off.
     grpc: str = "127.0.0.1:9191"
     grpc_workers: int = 8
@@ -226,12 +229,32 @@ def _listen(t: _Table, name: str, default: str) -> str:
     return parse_listen(t.text(name, default) or default, t.key(name))
 
 
-def _server(t: _Table) -> ServerConfig:
+def _listener_tls(t: _Table, base: Path) -> ListenerTls:
+    cert = t.text("cert", required=True)
+    key = t.text("key", required=True)
+    assert cert is not None and key is not None
+    client_ca = t.text("client_ca")
+    allowed = t.strings("allowed_callers")
+    if allowed and client_ca is None:
+        raise ConfigError(t.key("allowed_callers"), "needs client_ca: callers are known by their certificates")
+    paths = {"cert": _path(base, cert), "key": _path(base, key)}
+    if client_ca is not None:
+        paths["client_ca"] = _path(base, client_ca)
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ConfigError(t.key(name), f"{str(path)!r} is not a readable file")
+    t.done()
+    return ListenerTls(cert=paths["cert"], key=paths["key"], client_ca=paths.get("client_ca"),
+                       allowed_callers=allowed)
+
+
+def _server(t: _Table, base: Path) -> ServerConfig:
     t.used.add("grpc")
     grpc = t.data.get("grpc", ServerConfig.grpc)
     if not isinstance(grpc, str):
         raise ConfigError(t.key("grpc"), "must be HOST:PORT, or \"\" to turn the gRPC listener off")
     cfg = ServerConfig(
+        tls=_listener_tls(t.table("tls"), base) if "tls" in t.data else None,
         http=_listen(t, "http", ServerConfig.http),
         grpc=parse_listen(grpc, t.key("grpc"), allow_off=True),
         grpc_workers=t.integer("grpc_workers", ServerConfig.grpc_workers, minimum=1),
@@ -405,7 +428,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
     root = _Table(data, "")
     tokens = _tokens(root.table("tokens"), base)
     cfg = Config(
-        server=_server(root.table("server")),
+        server=_server(root.table("server"), base),
         policy=_policy(root.table("policy"), base),
         certificates=_certificates(root.table("certificates"), base),
         tokens=tokens,

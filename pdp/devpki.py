@@ -6,6 +6,7 @@ more client certificates and bound tokens for their own tests.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import uuid
@@ -92,9 +93,10 @@ def make_ca(name: str = "pdp dev CA", *, key: PrivateKey | None = None, issuer: 
 def make_client(ca: Issued, *, spiffe_id: str | None = "spiffe://example.org/demo/client",
                 common_name: str = "demo client", organizational_unit: str | None = None,
                 dns: tuple[str, ...] = (), uris: tuple[str, ...] = (), emails: tuple[str, ...] = (),
-                days: int = 365, not_before: datetime | None = None, client_auth: bool = True,
-                key: PrivateKey | None = None) -> Issued:
-    """A client (end-entity) certificate signed by ``ca``, with a SPIFFE ID URI SAN by default."""
+                ips: tuple[str, ...] = (), days: int = 365, not_before: datetime | None = None,
+                client_auth: bool = True, key: PrivateKey | None = None) -> Issued:
+    """An end-entity certificate signed by ``ca``, with a SPIFFE ID URI SAN by default; a client
+    certificate, or a server certificate with ``client_auth=False``."""
     key = key or new_key()
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pdp dev")]
     if organizational_unit:
@@ -104,6 +106,7 @@ def make_client(ca: Issued, *, spiffe_id: str | None = "spiffe://example.org/dem
     all_uris = ((spiffe_id,) if spiffe_id else ()) + uris
     names += [x509.UniformResourceIdentifier(u) for u in all_uris]
     names += [x509.RFC822Name(e) for e in emails]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     start = not_before or _now() - timedelta(minutes=5)
     eku = ExtendedKeyUsageOID.CLIENT_AUTH if client_auth else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (

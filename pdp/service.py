@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -42,6 +43,7 @@ from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
 from pdp.grpc_listener import GrpcListener
 from pdp.jwks import StaticKeySource
+from pdp.listener_tls import caller_gate, tls_protocol, uvicorn_ssl_options
 from pdp.metrics import CONTENT_TYPE, Metrics
 from pdp.pipeline import Pdp
 from pdp.reloader import Reloader, Watched
@@ -113,7 +115,7 @@ class Service:
     def start(self) -> None:
         if self.config.server.grpc and self.grpc is None:
             self.grpc = GrpcListener(lambda: self.pdp, self.config.server.grpc,
-                                     workers=self.config.server.grpc_workers)
+                                     workers=self.config.server.grpc_workers, tls=self.config.server.tls)
             self.grpc.start()
         self.reloader.start()
         if self.keys.remote() and self._refresher is None:
@@ -199,6 +201,17 @@ class Service:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
+        """The uvicorn settings for this service's HTTP listener (TLS, the TLS scope extension, the gate)."""
+        tls = self.config.server.tls
+        app: Any = self.app()
+        if tls is not None:
+            from uvicorn.protocols.http.h11_impl import H11Protocol
+
+            options.update(uvicorn_ssl_options(tls), http=tls_protocol(H11Protocol))
+            app = caller_gate(app, tls.allowed_callers)
+        return uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on", **options)
 
     def app(self) -> Starlette:
         @asynccontextmanager

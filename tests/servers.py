@@ -34,8 +34,7 @@ def serve_pdp(config: Config) -> Iterator[tuple[str, Service]]:
     """Start the real service on a free loopback port; yield (base URL, service)."""
     service = Service(config)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.app(), host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(service.uvicorn_config("127.0.0.1", port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -44,7 +43,7 @@ def serve_pdp(config: Config) -> Iterator[tuple[str, Service]]:
             raise RuntimeError("pdp did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", service
+        yield f"{'https' if config.server.tls else 'http'}://127.0.0.1:{port}", service
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -1,0 +1,119 @@
+"""TLS on pdp's own listeners: the gateways that ask for decisions are authenticated too.
+
+Both listeners can require a client certificate from a configured CA and then
+admit only an allowlist of caller identities: SPIFFE IDs (or other URI SANs),
+``dns:NAME`` for DNS SANs. A caller outside the list is refused (HTTP 403,
+gRPC ``PERMISSION_DENIED``) before any decision is made.
+
+uvicorn does not publish the peer certificate to the application, so
+``tls_protocol`` gives it an HTTP protocol class that adds the ASGI TLS
+extension (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM strings)
+to every request on a TLS connection.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    allowed_callers: tuple[str, ...] = ()
+
+
+def caller_identities(cert: x509.Certificate) -> frozenset[str]:
+    """The names a caller's certificate gives it: URI SANs as they are, DNS SANs as ``dns:NAME``."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset([*san.get_values_for_type(x509.UniformResourceIdentifier),
+                      *(f"dns:{d.lower()}" for d in san.get_values_for_type(x509.DNSName))])
+
+
+def caller_allowed(allowed: tuple[str, ...], cert_der: bytes | None) -> bool:
+    """Whether a listener with this allowlist admits a caller presenting ``cert_der`` (empty list: anyone)."""
+    if not allowed:
+        return True
+    if not cert_der:
+        return False
+    try:
+        names = caller_identities(x509.load_der_x509_certificate(cert_der))
+    except ValueError:
+        return False
+    return any(a.lower() in names or a in names for a in allowed)
+
+
+def uvicorn_ssl_options(tls: ListenerTls) -> dict[str, Any]:
+    options: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+    if tls.client_ca is not None:
+        options.update(ssl_ca_certs=str(tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
+def tls_protocol(base: type[Any]) -> type[Any]:
+    """A subclass of a uvicorn HTTP protocol that adds the ASGI TLS extension to each request's scope."""
+
+    class TlsExtensionProtocol(base):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                der = ssl_object.getpeercert(binary_form=True)
+                app: ASGIApp = self.app  # type: ignore[has-type]
+                self.app = _with_tls_scope(app, der, ssl_object.version(), ssl_object.cipher())
+
+    TlsExtensionProtocol.__name__ = f"Tls{base.__name__}"
+    return TlsExtensionProtocol
+
+
+def _with_tls_scope(app: ASGIApp, der: bytes | None, version: str | None, cipher: Any) -> ASGIApp:
+    pem = (x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+           if der else None)
+    extension = {"client_cert_chain": [pem] if pem else [], "client_cert_der": der, "tls_version": version,
+                 "cipher_suite": cipher[0] if cipher else None, "client_cert_error": None}
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope.setdefault("extensions", {})["tls"] = extension
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def caller_gate(app: ASGIApp, allowed: tuple[str, ...]) -> ASGIApp:
+    """Refuse (403) HTTP requests from callers outside ``allowed``, before the app sees them."""
+    if not allowed:
+        return app
+
+    async def gate(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            tls = scope.get("extensions", {}).get("tls") or {}
+            if not caller_allowed(allowed, tls.get("client_cert_der")):
+                body = json.dumps({"allowed": False, "reason": "caller_not_allowed",
+                                   "message": "this caller may not ask pdp for decisions"}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return gate
