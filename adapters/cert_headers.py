@@ -245,6 +245,10 @@ FORMATS: dict[str, tuple[str, HeaderParser]] = {
 }
 
 
+def _is_identity(entry: str) -> bool:
+    return entry.lower().startswith(("spiffe://", "dns:"))
+
+
 def parse_networks(values: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
 
@@ -268,23 +272,30 @@ class CertificateHeaders:
         default_name, parser = FORMATS[fmt]
         self.format = fmt
         self.header = (header or default_name).lower()
-        self.trusted = parse_networks(trusted_proxies)
+        proxies = list(trusted_proxies)
+        self.identities = frozenset(p.lower() for p in proxies if _is_identity(p))
+        self.trusted = parse_networks(p for p in proxies if not _is_identity(p))
         if fmt == "xfcc":
             self._parse: HeaderParser = _single(lambda v: xfcc_chain(v, xfcc_element))
         else:
             self._parse = parser
 
-    def trusts(self, peer: str) -> bool:
+    def trusts(self, peer: str, caller_names: frozenset[str] = frozenset()) -> bool:
+        """A peer is trusted by address (a listed network) or, on a mutual-TLS listener, by the
+        identity in its certificate (a listed ``spiffe://…`` or ``dns:NAME``)."""
+        if caller_names & self.identities:
+            return True
         try:
             address = ipaddress.ip_address(peer)
         except ValueError:
             return False
         return any(address in network for network in self.trusted)
 
-    def read(self, peer: str, headers: Mapping[str, str]) -> HeaderCertificate:
+    def read(self, peer: str, headers: Mapping[str, str],
+             caller_names: frozenset[str] = frozenset()) -> HeaderCertificate:
         if self.header not in headers:
             return HeaderCertificate()
-        if not self.trusts(peer):
+        if not self.trusts(peer, caller_names):
             return HeaderCertificate(untrusted=True)
         try:
             chain = self._parse(headers, self.header)

@@ -29,8 +29,8 @@ _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
 def to_check_request(*, method: str, path: str, query: str, headers: Mapping[str, str], peer: str,
-                     prefix: str, certificates: CertificateHeaders | None, trusted: bool,
-                     now: float) -> tuple[CheckRequest, bool]:
+                     prefix: str, certificates: CertificateHeaders | None, trusted: bool, now: float,
+                     caller_names: frozenset[str] = frozenset()) -> tuple[CheckRequest, bool]:
     """The original request behind an auth sub-request; also whether a certificate header was ignored."""
     original_path = path[len(prefix):] if path.startswith(prefix) else path
     original_path = original_path or "/"
@@ -47,7 +47,7 @@ def to_check_request(*, method: str, path: str, query: str, headers: Mapping[str
     cert_error: str | None = None
     ignored = False
     if certificates is not None:
-        found = certificates.read(peer, headers)
+        found = certificates.read(peer, headers, caller_names)
         chain, cert_error, ignored = found.chain, found.error, found.untrusted
     clean = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
     request = CheckRequest(method=method.upper(), path=original_path, host=host, scheme=scheme,

@@ -397,7 +397,7 @@ def _gateway(t: _Table) -> GatewayConfig:
         raise ConfigError(t.key("ext_authz_prefix"), "must be a path like /ext_authz (no trailing slash)")
     proxies = t.strings("trusted_proxies")
     try:
-        parse_networks(proxies)
+        parse_networks(p for p in proxies if not p.lower().startswith(("spiffe://", "dns:")))
     except ValueError as exc:
         raise ConfigError(t.key("trusted_proxies"), f"not an address or network: {exc}") from exc
     fmt = t.data.get("cert_header", "")

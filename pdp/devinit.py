@@ -3,7 +3,10 @@
 Writes a CA, two client certificates with SPIFFE IDs, a token issuer's key
 and JWKS, an access token bound to the first client certificate, a copy of
 the shipped policy with a data document for the demo, and ``pdp.toml``
-referring only to files in DIR.
+referring only to files in DIR; plus the certificates for running behind
+Envoy (``examples/envoy``): Envoy's listener (``envoy.pem``), Envoy as the
+gateway that calls pdp (``gateway.pem``) and pdp's own listener
+(``pdp-server.pem``), all from the same CA.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ ISSUER = "https://issuer.example.org"
 AUDIENCE = "https://api.example.org"
 CLIENT_ID = "spiffe://example.org/demo/client"
 OTHER_ID = "spiffe://example.org/demo/other"
+GATEWAY_ID = "spiffe://example.org/gateway"
 FILES = ("pdp.toml", "ca.pem", "ca.key", "client.pem", "client.key", "other.pem", "other.key", "issuer.key",
-         "jwks.json", "token.jwt")
+         "jwks.json", "token.jwt", "envoy.pem", "envoy.key", "gateway.pem", "gateway.key", "pdp-server.pem",
+         "pdp-server.key")
 
 CONFIG = f"""\
 # pdp development configuration, written by `pdp dev init`. Every path is relative to this file.
@@ -77,6 +82,12 @@ def dev_init(target: Path, *, force: bool = False) -> list[Path]:
     ca = make_ca("pdp dev CA")
     client = make_client(ca, spiffe_id=CLIENT_ID, common_name="demo client")
     other = make_client(ca, spiffe_id=OTHER_ID, common_name="other client")
+    # For running behind Envoy (examples/envoy): Envoy's listener, Envoy as pdp's caller, pdp's listener.
+    envoy = make_client(ca, spiffe_id=None, common_name="envoy", dns=("localhost", "envoy"), ips=("127.0.0.1",),
+                        client_auth=False)
+    gateway = make_client(ca, spiffe_id=GATEWAY_ID, common_name="gateway")
+    pdp_server = make_client(ca, spiffe_id=None, common_name="pdp", client_auth=False,
+                             dns=("localhost", "pdp", "pdp-1", "pdp-2"), ips=("127.0.0.1",))
     issuer = TokenIssuer.generate(ISSUER, kid="dev-1")
     token = issuer.mint(audience=AUDIENCE, subject="demo-user", client_id="demo-client",
                         scope="read write", bound_to=client, lifetime=30 * 24 * 3600)
@@ -86,6 +97,8 @@ def dev_init(target: Path, *, force: bool = False) -> list[Path]:
         "other.pem": other.pem, "other.key": other.key_pem,
         "issuer.key": issuer.key_pem, "jwks.json": dumps_jwks(issuer.jwks).encode(),
         "token.jwt": token.encode() + b"\n", "pdp.toml": CONFIG.encode(),
+        "envoy.pem": envoy.pem, "envoy.key": envoy.key_pem, "gateway.pem": gateway.pem,
+        "gateway.key": gateway.key_pem, "pdp-server.pem": pdp_server.pem, "pdp-server.key": pdp_server.key_pem,
     }
     paths = []
     for name, content in written.items():

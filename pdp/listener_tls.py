@@ -48,17 +48,22 @@ def caller_identities(cert: x509.Certificate) -> frozenset[str]:
                       *(f"dns:{d.lower()}" for d in san.get_values_for_type(x509.DNSName))])
 
 
+def caller_names(cert_der: bytes | None) -> frozenset[str]:
+    """``caller_identities`` of a DER certificate, lower-cased; empty when there is none or it is unreadable."""
+    if not cert_der:
+        return frozenset()
+    try:
+        return frozenset(n.lower() for n in caller_identities(x509.load_der_x509_certificate(cert_der)))
+    except ValueError:
+        return frozenset()
+
+
 def caller_allowed(allowed: tuple[str, ...], cert_der: bytes | None) -> bool:
     """Whether a listener with this allowlist admits a caller presenting ``cert_der`` (empty list: anyone)."""
     if not allowed:
         return True
-    if not cert_der:
-        return False
-    try:
-        names = caller_identities(x509.load_der_x509_certificate(cert_der))
-    except ValueError:
-        return False
-    return any(a.lower() in names or a in names for a in allowed)
+    names = caller_names(cert_der)
+    return any(a.lower() in names for a in allowed)
 
 
 def uvicorn_ssl_options(tls: ListenerTls) -> dict[str, Any]:

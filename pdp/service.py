@@ -43,7 +43,7 @@ from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
 from pdp.grpc_listener import GrpcListener
 from pdp.jwks import StaticKeySource
-from pdp.listener_tls import caller_gate, tls_protocol, uvicorn_ssl_options
+from pdp.listener_tls import caller_gate, caller_names, tls_protocol, uvicorn_ssl_options
 from pdp.metrics import CONTENT_TYPE, Metrics
 from pdp.pipeline import Pdp
 from pdp.reloader import Reloader, Watched
@@ -181,10 +181,13 @@ class Service:
         """Envoy http_service / nginx auth_request / Traefik forwardAuth."""
         peer = request.client.host if request.client else ""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]}
+        caller_der = (request.scope.get("extensions", {}).get("tls") or {}).get("client_cert_der")
+        names = caller_names(caller_der)
         check, ignored = http_authz.to_check_request(
             method=request.method, path=request.url.path, query=request.url.query, headers=headers, peer=peer,
             prefix=self.config.gateway.ext_authz_prefix, certificates=self.cert_headers,
-            trusted=self.cert_headers.trusts(peer) if self.cert_headers else False, now=time.time())
+            trusted=self.cert_headers.trusts(peer, names) if self.cert_headers else False, now=time.time(),
+            caller_names=names)
         if ignored:
             self.metrics.untrusted_cert_headers.inc()
             log.warning("ignored a %s header from %s, which is not a trusted proxy",

@@ -63,11 +63,15 @@ def test_bound_client_example(running_dev, spiffe_id, scope, method, allowed):
     assert ('"allowed": true' in result.stdout) == allowed
 
 
-def test_compose_file_builds_pdp_from_this_folder_and_serves_the_dev_setup():
+def test_compose_runs_envoy_before_two_pdp_replicas_built_from_this_folder():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert services["pdp"]["build"] == "." and (ROOT / "Dockerfile").is_file()
-    assert services["pdp"]["command"][:4] == ["pdp", "serve", "--config", "/setup/pdp.toml"]
+    assert {"setup", "pdp-1", "pdp-2", "envoy", "upstream"} <= set(services)
+    for name in ("pdp-1", "pdp-2"):
+        assert services[name]["build"] == "." and (ROOT / "Dockerfile").is_file()
+        assert services[name]["command"] == ["pdp", "serve", "--config", "/etc/pdp/pdp.toml"]
+        assert "./examples/envoy/pdp.toml:/etc/pdp/pdp.toml:ro" in services[name]["volumes"]
+    assert "./examples/envoy:/etc/envoy:ro" in services["envoy"]["volumes"]
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:

@@ -123,3 +123,25 @@ def test_tls_config_errors_name_the_key(write_setup, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(_with_tls(write_setup(), '["x"]'))
     assert err.value.key == "server.tls.cert"
+
+
+def test_xfcc_is_believed_from_a_gateway_known_by_its_certificate(write_setup, tmp_path, gateway_pki, pki, issuer):
+    import hashlib
+    import urllib.parse
+
+    write(tmp_path / "server", gateway_pki["server"])
+    (tmp_path / "gateway-ca.pem").write_bytes(gateway_pki["ca"].pem)
+    path = _with_tls(write_setup(extra=f'[gateway]\ntrusted_proxies = ["{GATEWAY_ID}"]\ncert_header = "xfcc"\n'),
+                     f'["{GATEWAY_ID}", "spiffe://example.org/stranger"]')
+    token = bound_token(issuer, pki.client)
+    chain = urllib.parse.quote((pki.client.pem + pki.intermediate.pem).decode(), safe="")
+    headers = {"authorization": f"Bearer {token}",
+               "x-forwarded-client-cert": f"Hash={hashlib.sha256(pki.client.der).hexdigest()};Chain=\"{chain}\""}
+    with serve_pdp(load_config(path)) as (url, _):
+        with httpx.Client(verify=client_context(gateway_pki, tmp_path, "gateway")) as client:
+            trusted = client.get(f"{url}/ext_authz/orders", headers=headers)
+        with httpx.Client(verify=client_context(gateway_pki, tmp_path, "stranger")) as client:
+            other = client.get(f"{url}/ext_authz/orders", headers=headers)
+    assert trusted.status_code == 200, trusted.text
+    # An admitted caller that is not a trusted proxy cannot hand over a certificate.
+    assert other.status_code == 401 and other.json()["reason"] == "binding_cert_missing"
