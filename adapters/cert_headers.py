@@ -122,6 +122,8 @@ def parse_xfcc(value: str) -> list[XfccElement]:
         if sep in (",", ""):
             elements.append(_element(fields))
             fields = {}
+    if fields:  # the text ended in ';': refuse rather than guess which element was meant
+        raise CertHeaderError("x-forwarded-client-cert ends with ';'")
     if not elements:
         raise CertHeaderError("x-forwarded-client-cert is empty")
     return elements
@@ -162,15 +164,14 @@ def xfcc_chain(value: str, element: str = "last") -> tuple[bytes, ...]:
     return chain
 
 
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def hex_hash_to_x5t(hex_hash: str) -> str:
     """XFCC's hex SHA-256 → the base64url form RFC 8705 uses for ``x5t#S256``."""
-    try:
-        raw = bytes.fromhex(hex_hash)
-    except ValueError as exc:
-        raise CertHeaderError("Hash is not hex") from exc
-    if len(raw) != 32:
-        raise CertHeaderError("Hash is not a SHA-256 digest")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    if _SHA256_HEX.fullmatch(hex_hash) is None:
+        raise CertHeaderError("Hash is not a hex SHA-256 digest")
+    return base64.urlsafe_b64encode(bytes.fromhex(hex_hash)).rstrip(b"=").decode("ascii")
 
 
 # -- RFC 9440
@@ -289,6 +290,8 @@ class CertificateHeaders:
             address = ipaddress.ip_address(peer)
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 client on a dual-stack listener
         return any(address in network for network in self.trusted)
 
     def read(self, peer: str, headers: Mapping[str, str],
