@@ -305,3 +305,51 @@ def test_pdp_serve_grpc_flag_opens_the_ext_authz_listener(tmp_path):
         proc.wait(timeout=20)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     assert json.loads(denied.denied_response.body)["reason"] == "cert_required"
+
+
+def _tampered(token: str) -> str:
+    header, claims, signature = token.split(".")
+    return f"{header}.{claims}.{'A' if signature[0] != 'A' else 'B'}{signature[1:]}"
+
+
+@pytest.mark.parametrize(("case", "reason", "grpc_code", "http_status"), [
+    ("expired", "token_expired", code_pb2.UNAUTHENTICATED, 401),
+    ("bad_signature", "token_signature_invalid", code_pb2.UNAUTHENTICATED, 401),
+    ("unknown_issuer", "token_issuer_unknown", code_pb2.UNAUTHENTICATED, 401),
+    ("unbound", "token_unbound", code_pb2.UNAUTHENTICATED, 401),
+    ("untrusted_cert", "cert_untrusted", code_pb2.PERMISSION_DENIED, 403),
+    ("scope", "insufficient_scope", code_pb2.PERMISSION_DENIED, 403),
+    ("admin_path", "spiffe_id_denied", code_pb2.PERMISSION_DENIED, 403),
+    ("dot_segments", "request_invalid", code_pb2.PERMISSION_DENIED, 400),
+])
+def test_each_deny_reason_maps_to_envoys_codes(envoy, pki, issuer, case, reason, grpc_code, http_status):
+    import time
+
+    from pdp.devpki import TokenIssuer, make_ca, make_client
+
+    stub, _, _ = envoy()
+    path, leaf = "/orders", pki.client
+    token = bound_token(issuer, pki.client)
+    if case == "expired":
+        token = bound_token(issuer, pki.client, now=time.time() - 7200, lifetime=60)
+    elif case == "bad_signature":
+        token = _tampered(token)
+    elif case == "unknown_issuer":
+        token = bound_token(TokenIssuer.generate("https://elsewhere.test", kid="k1"), pki.client)
+    elif case == "unbound":
+        token = issuer.mint(audience="https://api.test")
+    elif case == "untrusted_cert":
+        leaf = make_client(make_ca("rogue"))
+        token = bound_token(issuer, leaf)
+    elif case == "scope":
+        token = bound_token(issuer, pki.client, scope="profile")
+    elif case == "admin_path":
+        path = "/admin/users"
+    elif case == "dot_segments":
+        path = "/public/../orders"
+    message = envoy_request(pki, token, leaf=leaf, path=path)
+    if case == "untrusted_cert":
+        message.attributes.source.certificate = urllib.parse.quote(leaf.pem.decode(), safe="")
+    response = stub.Check(message)
+    assert json.loads(response.denied_response.body)["reason"] == reason
+    assert (response.status.code, response.denied_response.status.code) == (grpc_code, http_status)
