@@ -20,6 +20,7 @@ from pdp.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, disc
 from pdp.pipeline import DecisionSink, Pdp
 from pdp.policy import PolicyBundle, PolicyEngine, load_bundle
 from pdp.rego import probe_compile
+from pdp.store import MemoryStore, RedisStore, Store
 from pdp.tokens import Issuer, TokenVerifier
 from pdp.trust import ChainVerifier, TrustBundle
 from pdp.trust import load_bundle as load_trust_bundle
@@ -96,8 +97,14 @@ def build_key_sources(config: Config, fetch: Fetch | None = None) -> KeySources:
     return sources
 
 
+def build_store(config: Config) -> Store:
+    if not config.store.url:
+        return MemoryStore()
+    return RedisStore(config.store.url, prefix=config.store.prefix, timeout=config.store.timeout)
+
+
 def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
-              keys: KeySources | None = None, probe: bool = True) -> Pdp:
+              keys: KeySources | None = None, probe: bool = True, store: Store | None = None) -> Pdp:
     keys = keys or build_key_sources(config, fetch)
     issuers = [
         Issuer(issuer=i.issuer, audiences=frozenset(i.audiences), algorithms=frozenset(i.algorithms),
@@ -113,4 +120,6 @@ def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[Decisi
         settings=config.decision,
         decision_log=DecisionLog(config.log.decisions),
         sinks=sinks,
+        dpop=config.dpop,
+        store=store or build_store(config),
     )

@@ -25,6 +25,7 @@ from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
 from pdp.policy import ENGINES
 from pdp.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
+from pdp.rfc9449 import DpopSettings
 from pdp.spiffe import SpiffeIdError, parse_spiffe_id
 
 
@@ -98,6 +99,15 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Shared state: "" keeps it in memory (one process); a redis:// or rediss:// URL shares it."""
+
+    url: str = ""
+    prefix: str = "pdp:"
+    timeout: float = 0.2
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     decisions: bool = True
@@ -111,6 +121,8 @@ class Config:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    dpop: DpopSettings = field(default_factory=DpopSettings)
+    store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
 
@@ -415,6 +427,38 @@ def _gateway(t: _Table) -> GatewayConfig:
     return cfg
 
 
+def _dpop(t: _Table) -> DpopSettings:
+    d = DpopSettings()
+    algorithms = t.strings("algorithms", tuple(sorted(d.algorithms)))
+    for alg in algorithms:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(t.key("algorithms"), f"{alg!r} is not an asymmetric JWS algorithm")
+    secret = t.text("nonce_secret")
+    require_nonce = t.flag("require_nonce", False)
+    cfg = DpopSettings(
+        algorithms=frozenset(algorithms),
+        iat_window=t.number("iat_window", d.iat_window, minimum=1),
+        require_nonce=require_nonce,
+        nonce_lifetime=t.number("nonce_lifetime", d.nonce_lifetime, minimum=10),
+        nonce_secret=secret.encode() if secret else d.nonce_secret,
+    )
+    if secret is not None and len(secret) < 32:
+        raise ConfigError(t.key("nonce_secret"), "must be at least 32 characters")
+    t.done()
+    return cfg
+
+
+def _store(t: _Table) -> StoreConfig:
+    url = t.data.get("url", "")
+    t.used.add("url")
+    if not isinstance(url, str) or (url and not url.startswith(("redis://", "rediss://", "unix://"))):
+        raise ConfigError(t.key("url"), "must be \"\" (in memory) or a redis://, rediss:// or unix:// URL")
+    cfg = StoreConfig(url=url, prefix=t.text("prefix", "pdp:") or "pdp:",
+                      timeout=t.number("timeout", 0.2, minimum=0.01))
+    t.done()
+    return cfg
+
+
 def _log(t: _Table) -> LogConfig:
     level = (t.text("level", "info") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -434,6 +478,8 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
         tokens=tokens,
         decision=_decision(root.table("decision"), tokens.require_bound),
         gateway=_gateway(root.table("gateway")),
+        dpop=_dpop(root.table("dpop")),
+        store=_store(root.table("store")),
         log=_log(root.table("log")),
         source=source,
     )

@@ -157,8 +157,10 @@ class TokenIssuer:
     def mint(self, *, audience: str | list[str] = "https://api.example.org", subject: str = "demo-user",
              client_id: str = "demo-client", scope: str = "read", bound_to: Issued | None = None,
              lifetime: int = 3600, now: float | None = None, typ: str = "at+jwt",
-             extra: dict[str, Any] | None = None, headers: dict[str, Any] | None = None) -> str:
-        """An RFC 9068 access token; ``bound_to`` adds ``cnf.x5t#S256`` for that certificate."""
+             extra: dict[str, Any] | None = None, headers: dict[str, Any] | None = None,
+             dpop_key: DpopKey | None = None) -> str:
+        """An RFC 9068 access token; ``bound_to`` adds ``cnf.x5t#S256`` for that certificate,
+        ``dpop_key`` adds ``cnf.jkt`` for that DPoP key (RFC 9449)."""
         iat = int(now if now is not None else time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer, "sub": subject, "aud": audience, "client_id": client_id, "scope": scope,
@@ -166,9 +168,50 @@ class TokenIssuer:
         }
         if bound_to is not None:
             claims["cnf"] = {"x5t#S256": bound_to.thumbprint}
+        if dpop_key is not None:
+            claims.setdefault("cnf", {})["jkt"] = dpop_key.jkt
         claims.update(extra or {})
         header = {"typ": typ, "kid": self.kid, **(headers or {})}
         return jwt.encode(claims, self.key, algorithm="ES256", headers=header)
+
+
+@dataclass(frozen=True)
+class DpopKey:
+    """A client's DPoP key pair (P-256) and a maker of RFC 9449 proofs."""
+
+    key: PrivateKey
+
+    @classmethod
+    def generate(cls) -> DpopKey:
+        return cls(new_key())
+
+    @property
+    def public_jwk(self) -> dict[str, Any]:
+        nums = self.key.public_key().public_numbers()
+        return {"kty": "EC", "crv": "P-256", "x": b64url_encode(nums.x.to_bytes(32, "big")),
+                "y": b64url_encode(nums.y.to_bytes(32, "big"))}
+
+    @property
+    def jkt(self) -> str:
+        from pdp.rfc7638 import jwk_thumbprint
+
+        return jwk_thumbprint(self.public_jwk)
+
+    def proof(self, method: str, url: str, access_token: str | None = None, *, nonce: str | None = None,
+              iat: float | None = None, jti: str | None = None, claims: dict[str, Any] | None = None,
+              headers: dict[str, Any] | None = None) -> str:
+        """A DPoP proof JWT for ``method`` ``url`` (and ``access_token``'s hash as ``ath``)."""
+        from pdp.rfc9449 import access_token_hash
+
+        body: dict[str, Any] = {"jti": jti or uuid.uuid4().hex, "htm": method, "htu": url,
+                                "iat": int(iat if iat is not None else time.time())}
+        if access_token is not None:
+            body["ath"] = access_token_hash(access_token)
+        if nonce is not None:
+            body["nonce"] = nonce
+        body.update(claims or {})
+        header = {"typ": "dpop+jwt", "jwk": self.public_jwk, **(headers or {})}
+        return jwt.encode(body, self.key, algorithm="ES256", headers=header)
 
 
 def load_private_key(pem: bytes) -> PrivateKey:

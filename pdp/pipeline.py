@@ -33,12 +33,14 @@ from pdp.reasons import Reason
 from pdp.request import CheckRequest
 from pdp.rfc6750 import challenge
 from pdp.rfc8705 import BINDING_METHOD, check_binding
+from pdp.rfc9449 import DpopSettings, NonceIssuer, check_proof, request_uri
+from pdp.store import MemoryStore, Store
 from pdp.tokens import TokenVerifier, VerifiedToken
 from pdp.trust import ChainVerifier
 
 log = logging.getLogger("pdp")
 
-_BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
+_CREDENTIAL = re.compile(r"(?:Bearer|DPoP) +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
 # A path the upstream may read differently from the policy: dot segments, empty segments,
 # backslashes, control characters, and percent-encoded unreserved characters, slashes or backslashes.
 _AMBIGUOUS_PATH = re.compile(
@@ -71,12 +73,14 @@ DecisionSink = Callable[[Decision, float], None]
 
 
 class _Trace:
-    __slots__ = ("identity", "steps", "token")
+    __slots__ = ("dpop", "identity", "raw_token", "steps", "token")
 
     def __init__(self) -> None:
         self.steps: list[Step] = []
         self.identity: CertIdentity | None = None
         self.token: VerifiedToken | None = None
+        self.raw_token = ""
+        self.dpop = False  # the request used the DPoP authorization scheme
 
     def ok(self, name: str, detail: str) -> None:
         self.steps.append(Step(name, True, detail))
@@ -87,11 +91,15 @@ class Pdp:
 
     def __init__(self, *, certificates: ChainVerifier, tokens: TokenVerifier, policy: PolicyEngine,
                  settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
-                 sinks: tuple[DecisionSink, ...] = ()) -> None:
+                 sinks: tuple[DecisionSink, ...] = (), dpop: DpopSettings | None = None,
+                 store: Store | None = None) -> None:
         self.certificates = certificates
         self.tokens = tokens
         self.policy = policy
         self.settings = settings or DecisionSettings()
+        self.dpop = dpop or DpopSettings()
+        self.store: Store = store or MemoryStore()
+        self.nonces = NonceIssuer(self.dpop.nonce_secret, self.dpop.nonce_lifetime)
         self.decision_log = decision_log or DecisionLog()
         self.sinks = sinks
 
@@ -106,7 +114,7 @@ class Pdp:
             self._check_request(request)
             trace.identity = self._identity(request, trace)
             trace.token = self._credential(request, trace, network)
-            binding = self._binding(trace.identity, trace.token, trace)
+            binding = self._binding(request, trace)
             outcome = self._policy(policy, request, trace, binding)
             decision = self._decision(decision_id, outcome, trace)
         except NeedsNetwork:
@@ -180,32 +188,42 @@ class Pdp:
             trace.ok("credential", "no access token")
             return None
         scheme = header.split(" ", 1)[0].lower()
-        if scheme == "dpop":
-            raise Denied(reasons.TOKEN_SCHEME_UNSUPPORTED, "DPoP-bound tokens are not accepted here")
-        if scheme != "bearer":
-            trace.ok("credential", f"authorization scheme {scheme[:16]!r} is not Bearer: no access token")
+        if scheme not in ("bearer", "dpop"):
+            trace.ok("credential", f"authorization scheme {scheme[:16]!r} is not Bearer or DPoP: no access token")
             return None
-        match = _BEARER.fullmatch(header)
+        trace.dpop = scheme == "dpop"
+        match = _CREDENTIAL.fullmatch(header)
         if match is None:
-            raise Denied(reasons.TOKEN_MALFORMED, "the Bearer credential is not a token68 value")
-        token = self.tokens.verify(match.group(1), request.time, network=network)
+            raise Denied(reasons.TOKEN_MALFORMED, f"the {scheme} credential is not a token68 value")
+        trace.raw_token = match.group(1)
+        token = self.tokens.verify(trace.raw_token, request.time, network=network)
         trace.ok("credential", f"{token.alg} token of {token.issuer} for {token.claims.get('sub')!r}")
         return token
 
     # -- 3. binding
-    def _binding(self, identity: CertIdentity | None, token: VerifiedToken | None,
-                 trace: _Trace) -> dict[str, Any]:
+    def _binding(self, request: CheckRequest, trace: _Trace) -> dict[str, Any]:
+        identity, token = trace.identity, trace.token
         if token is None:
             trace.ok("binding", "no token to bind")
             return {"method": None, "bound": False}
+        binding: dict[str, Any] | None = None
         if token.x5t_s256 is not None:
             check_binding(token.x5t_s256, identity.thumbprint if identity else None)
             trace.ok("binding", "token bound to the client certificate (RFC 8705 x5t#S256)")
-            return {"method": BINDING_METHOD, "bound": True}
+            binding = {"method": BINDING_METHOD, "bound": True}
+        if trace.dpop:
+            proof = check_proof(
+                request.headers.get("dpop"), method=request.method,
+                uri=request_uri(request.scheme, request.host, request.path), access_token=trace.raw_token,
+                token_jkt=token.jkt, now=request.time, settings=self.dpop, store=self.store, nonces=self.nonces)
+            trace.ok("binding", f"token bound to the DPoP key {proof.jkt} (RFC 9449), proof {proof.jti[:16]}")
+            return {"method": "dpop", "bound": True, "jkt": proof.jkt}
         if token.jkt is not None:
             # A DPoP-bound token presented as Bearer is a downgrade (RFC 9449 §7.1).
             raise Denied(reasons.BINDING_DPOP_REQUIRED,
                          "the token is DPoP-bound (cnf.jkt) and cannot be used as a Bearer token")
+        if binding is not None:
+            return binding
         if self.settings.require_bound_tokens:
             raise Denied(reasons.TOKEN_UNBOUND, "the token has no cnf.x5t#S256 and bound tokens are required")
         trace.ok("binding", "token is not bound (allowed by configuration)")
@@ -256,8 +274,12 @@ class Pdp:
               outcome: PolicyOutcome | None = None) -> Decision:
         response_headers: dict[str, str] = dict(outcome.response_headers) if outcome else {}
         if reason.challenge:
+            dpop = reason.dpop or trace.dpop
             response_headers["www-authenticate"] = challenge(
-                realm=self.settings.realm, error=reason.oauth_error, description=reason.description)
+                realm=self.settings.realm, error=reason.oauth_error, description=reason.description,
+                scheme="DPoP" if dpop else "Bearer", algs=self.dpop.algs_param if dpop else None)
+        if reason is reasons.DPOP_NONCE_REQUIRED:
+            response_headers["dpop-nonce"] = self.nonces.issue(time.time())
         code = outcome.reason if outcome and outcome.reason and reasons.by_code(outcome.reason).status >= 400 \
             else reason.code
         status = reason.status
@@ -297,7 +319,7 @@ def _put(headers: dict[str, str], name: str, value: Any) -> None:
 
 def _step_of(reason: Reason) -> str:
     code = reason.code
-    if code.startswith("binding_") or code == reasons.TOKEN_UNBOUND.code:
+    if code.startswith(("binding_", "dpop_")) or code == reasons.TOKEN_UNBOUND.code:
         return "binding"
     if code.startswith("cert_"):
         return "identity"

@@ -23,17 +23,19 @@ class Reason:
 
     code: str
     status: int
-    #: RFC 6750 §3.1 error code for the Bearer challenge, or None for no error code.
+    #: RFC 6750 §3.1 / RFC 9449 §7.1 error code for the challenge, or None for no error code.
     oauth_error: str | None = None
-    #: Send a ``WWW-Authenticate: Bearer`` challenge with the denial.
+    #: Send a ``WWW-Authenticate`` challenge with the denial (``Bearer``, or ``DPoP`` on DPoP requests).
     challenge: bool = False
     #: A short, safe description for callers (never contains credential material).
     description: str = ""
+    #: Always challenge with the ``DPoP`` scheme (errors that only DPoP has).
+    dpop: bool = False
 
 
 def _r(code: str, status: int, oauth_error: str | None = None, challenge: bool = False,
-       description: str = "") -> Reason:
-    return Reason(code, status, oauth_error, challenge, description)
+       description: str = "", dpop: bool = False) -> Reason:
+    return Reason(code, status, oauth_error, challenge, description, dpop)
 
 
 ALLOWED = _r("allowed", 200, description="request allowed")
@@ -52,8 +54,6 @@ CERT_SPIFFE_INVALID = _r("cert_spiffe_invalid", 403,
 
 # -- access token (RFC 6750 invalid_token unless said otherwise)
 TOKEN_MALFORMED = _r("token_malformed", 401, "invalid_token", True, "the access token is malformed")
-TOKEN_SCHEME_UNSUPPORTED = _r("token_scheme_unsupported", 401, "invalid_request", True,
-                              "the authorization scheme is not supported")
 TOKEN_TYPE_INVALID = _r("token_type_invalid", 401, "invalid_token", True,
                         "the token is not an access token of an accepted type")
 TOKEN_ALG_NOT_ALLOWED = _r("token_alg_not_allowed", 401, "invalid_token", True,
@@ -81,7 +81,14 @@ BINDING_MISMATCH = _r("binding_mismatch", 401, "invalid_token", True,
 BINDING_CERT_MISSING = _r("binding_cert_missing", 401, "invalid_token", True,
                           "the access token is certificate-bound but no client certificate was presented")
 BINDING_DPOP_REQUIRED = _r("binding_dpop_required", 401, "invalid_token", True,
-                           "the access token is DPoP-bound and needs a DPoP proof")
+                           "the access token is DPoP-bound and needs a DPoP proof", dpop=True)
+
+# -- RFC 9449 DPoP
+DPOP_PROOF_INVALID = _r("dpop_proof_invalid", 401, "invalid_dpop_proof", True, "the DPoP proof is invalid",
+                        dpop=True)
+DPOP_NONCE_REQUIRED = _r("dpop_nonce_required", 401, "use_dpop_nonce", True,
+                         "the resource server requires a DPoP nonce", dpop=True)
+STORE_UNAVAILABLE = _r("store_unavailable", 503, description="shared state is unavailable; denied")
 
 # -- policy
 POLICY_DENIED = _r("policy_denied", 403, description="denied by policy")

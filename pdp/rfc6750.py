@@ -17,7 +17,8 @@ def _quoted(value: str) -> str:
 
 
 def challenge(*, realm: str, error: str | None = None, description: str | None = None,
-              scope: str | None = None) -> str:
+              scope: str | None = None, scheme: str = "Bearer", algs: str | None = None) -> str:
+    """A ``Bearer`` challenge, or with ``scheme="DPoP"`` the RFC 9449 §7.1 one (which adds ``algs``)."""
     params = [f"realm={_quoted(realm)}"]
     if error:
         params.append(f"error={_quoted(error)}")
@@ -25,4 +26,6 @@ def challenge(*, realm: str, error: str | None = None, description: str | None =
             params.append(f"error_description={_quoted(description)}")
     if scope:
         params.append(f"scope={_quoted(scope)}")
-    return "Bearer " + ", ".join(params)
+    if algs:
+        params.append(f"algs={_quoted(algs)}")
+    return f"{scheme} " + ", ".join(params)

@@ -100,7 +100,9 @@ def assert_denied(decision: Decision, code: str, step: str | None = None) -> Non
     assert decision.headers == {} and decision.headers_to_remove == ()
     challenge = decision.response_headers.get("www-authenticate")
     if reason.challenge:
-        assert challenge is not None and challenge.startswith('Bearer realm="pdp"')
+        # RFC 9449 errors, and any error on a DPoP request, challenge with the DPoP scheme.
+        schemes = ('DPoP realm="pdp"',) if reason.dpop else ('Bearer realm="pdp"', 'DPoP realm="pdp"')
+        assert challenge is not None and challenge.startswith(schemes)
         if reason.oauth_error:
             assert f'error="{reason.oauth_error}"' in challenge
         else:
@@ -321,7 +323,7 @@ CORE_DENIALS: dict[str, tuple[str, str, Case]] = {
         chain=p.chain(), authorization="Bearer a b")),
     "bearer_without_token": ("token_malformed", "credential", lambda p, i, x: request(
         chain=p.chain(), authorization="Bearer")),
-    "dpop_scheme": ("token_scheme_unsupported", "credential", lambda p, i, x: request(
+    "dpop_scheme_not_a_jws": ("token_malformed", "credential", lambda p, i, x: request(
         chain=p.chain(), authorization="DPoP x")),
     "binding_mismatch": ("binding_mismatch", "binding", lambda p, i, x: _bearer(
         bound_token(i, p.other), p.chain())),

@@ -1,0 +1,66 @@
+"""Shared state between replicas behind one small protocol: in memory, or Redis.
+
+pdp keeps only what must be shared in a ``Store``: today the DPoP proof
+``jti`` values seen within the acceptance window (RFC 9449 §11.1), so a proof
+replayed against another replica is refused too. ``remember`` is an atomic
+"add if absent, with expiry" (Redis ``SET NX EX``). A store that cannot answer
+raises ``StoreUnavailable``, which the pipeline turns into a deny.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Protocol
+
+
+class StoreUnavailable(RuntimeError):
+    """The store did not answer; whatever needed it is denied."""
+
+
+class Store(Protocol):
+    def remember(self, key: str, ttl: float) -> bool:
+        """Record ``key`` for ``ttl`` seconds; False when it was already recorded (a replay)."""
+
+
+class MemoryStore:
+    """One process's store: a dict of expiry times, swept as it grows."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._max = max_entries
+
+    def remember(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            expires = self._seen.get(key)
+            if expires is not None and expires > now:
+                return False
+            if len(self._seen) >= self._max:
+                self._sweep(now)
+                if len(self._seen) >= self._max:
+                    raise StoreUnavailable("the in-memory store is full")
+            self._seen[key] = now + ttl
+            return True
+
+    def _sweep(self, now: float) -> None:
+        for k in [k for k, exp in self._seen.items() if exp <= now]:
+            del self._seen[k]
+
+
+class RedisStore:
+    """A Redis (or Redis Cluster / Sentinel-fronted) store shared by every replica."""
+
+    def __init__(self, url: str, *, prefix: str = "pdp:", timeout: float = 0.2, client: Any = None) -> None:
+        import redis
+
+        self._redis = client or redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._error = redis.RedisError
+        self.prefix = prefix
+
+    def remember(self, key: str, ttl: float) -> bool:
+        try:
+            return bool(self._redis.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000))))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc

@@ -1,0 +1,297 @@
+"""RFC 9449 DPoP at the resource server: each rejection rule has its own test, named after it.
+
+Also the RFCs' own examples: the RFC 7638 §3.1 RSA key's thumbprint, and RFC 9449's first proof
+(Figure 2, the token request of 2019), which verifies with its embedded P-256 key.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+from conftest import AUDIENCE, check_request
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pdp import reasons
+from pdp.devpki import DpopKey
+from pdp.errors import Denied
+from pdp.jose import b64url_encode
+from pdp.rfc7638 import jwk_thumbprint
+from pdp.rfc9449 import (
+    DpopSettings,
+    NonceIssuer,
+    access_token_hash,
+    check_proof,
+    normalise_uri,
+    read_proof,
+    request_uri,
+)
+from pdp.store import MemoryStore
+
+URL = "https://api.test/orders"
+
+# -- the RFCs' own examples
+
+RFC7638_N = ("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCi"
+             "FV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0z"
+             "gdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kE"
+             "gU8awapJzKnqDKgw")
+
+RFC9449_FIGURE_2 = (
+    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQy"
+    "VVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19.eyJqdGkiOiI"
+    "tQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUuY29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ"
+    ".2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FNyJK70nfbV37xRZT3Lg")
+
+
+def test_rfc7638_example_rsa_key_thumbprint():
+    jwk = {"kty": "RSA", "n": RFC7638_N, "e": "AQAB", "alg": "RS256", "kid": "2011-04-29"}
+    assert jwk_thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_rfc9449_first_example_proof_verifies_with_its_embedded_key():
+    proof = read_proof(RFC9449_FIGURE_2, DpopSettings())
+    assert proof.jkt == "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+    assert proof.claims == {"jti": "-BwC3ESc6acc2lTc", "htm": "POST", "htu": "https://server.example.com/token",
+                            "iat": 1562262616}
+
+
+def test_rfc9449_example_proof_with_a_flipped_signature_bit_is_refused():
+    head, body, sig = RFC9449_FIGURE_2.split(".")
+    forged = f"{head}.{body}.{'3' if sig[0] != '3' else '4'}{sig[1:]}"
+    with pytest.raises(Denied) as err:
+        read_proof(forged, DpopSettings())
+    assert err.value.reason is reasons.DPOP_PROOF_INVALID
+
+
+# -- one test per rule of §4.3 (and §7.1, §11.1)
+
+TOKEN = "an-access-token"
+
+
+@pytest.fixture
+def key() -> DpopKey:
+    return DpopKey.generate()
+
+
+def check(proof: str | None, key: DpopKey, *, method: str = "GET", uri: str = URL, token: str = TOKEN,
+          jkt: str | None = "same", settings: DpopSettings | None = None, store: MemoryStore | None = None,
+          now: float | None = None) -> Any:
+    settings = settings or DpopSettings()
+    return check_proof(proof, method=method, uri=uri, access_token=token,
+                       token_jkt=key.jkt if jkt == "same" else jkt, now=now or time.time(), settings=settings,
+                       store=store or MemoryStore(), nonces=NonceIssuer(settings.nonce_secret, settings.nonce_lifetime))
+
+
+def refused(reason: reasons.Reason, proof: str | None, key: DpopKey, **kw: Any) -> None:
+    with pytest.raises(Denied) as err:
+        check(proof, key, **kw)
+    assert err.value.reason is reason, err.value
+
+
+def test_a_valid_proof_passes(key):
+    assert check(key.proof("GET", URL, TOKEN), key).jkt == key.jkt
+
+
+def test_rule_1_a_missing_dpop_header_is_refused(key):
+    refused(reasons.DPOP_PROOF_INVALID, None, key)
+
+
+def test_rule_1_two_dpop_headers_are_refused(key):
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", URL, TOKEN) + "," + key.proof("GET", URL, TOKEN), key)
+
+
+@pytest.mark.parametrize("value", ["not-a-jwt", "a.b", "a.b.c.d.e", "eyJ.eyJ.sig"])
+def test_rule_2_a_malformed_jwt_is_refused(key, value):
+    refused(reasons.DPOP_PROOF_INVALID, value, key)
+
+
+@pytest.mark.parametrize("claim", ["jti", "htm", "htu", "iat", "ath"])
+def test_rule_3_each_required_claim_must_be_present(key, claim):
+    proof = key.proof("GET", URL, TOKEN)
+    body = jwt.decode(proof, options={"verify_signature": False})
+    del body[claim]
+    refused(reasons.DPOP_PROOF_INVALID, _sign(key, body), key)
+
+
+def _sign(key: DpopKey, body: dict[str, Any], header: dict[str, Any] | None = None, signer: Any = None,
+          alg: str = "ES256") -> str:
+    return jwt.encode(body, signer or key.key, algorithm=alg,
+                      headers={"typ": "dpop+jwt", "jwk": key.public_jwk, **(header or {})})
+
+
+def test_rule_4_typ_must_be_dpop_jwt(key):
+    body = jwt.decode(key.proof("GET", URL, TOKEN), options={"verify_signature": False})
+    refused(reasons.DPOP_PROOF_INVALID, _sign(key, body, {"typ": "JWT"}), key)
+
+
+def test_rule_5_alg_none_is_refused(key):
+    body = jwt.decode(key.proof("GET", URL, TOKEN), options={"verify_signature": False})
+    header = b64url_encode(b'{"typ":"dpop+jwt","alg":"none","jwk":' +
+                           __import__("json").dumps(key.public_jwk).encode() + b"}")
+    payload = b64url_encode(__import__("json").dumps(body).encode())
+    refused(reasons.DPOP_PROOF_INVALID, f"{header}.{payload}.", key)
+
+
+def test_rule_5_a_symmetric_alg_is_refused(key):
+    body = jwt.decode(key.proof("GET", URL, TOKEN), options={"verify_signature": False})
+    refused(reasons.DPOP_PROOF_INVALID, _sign(key, body, signer="a-shared-secret-of-enough-length-123",
+                                              alg="HS256"), key)
+
+
+def test_rule_5_an_alg_outside_the_allowlist_is_refused(key):
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", URL, TOKEN), key,
+            settings=DpopSettings(algorithms=frozenset({"PS256"})))
+
+
+def test_rule_6_a_signature_by_another_key_is_refused(key):
+    body = jwt.decode(key.proof("GET", URL, TOKEN), options={"verify_signature": False})
+    refused(reasons.DPOP_PROOF_INVALID, _sign(key, body, signer=ec.generate_private_key(ec.SECP256R1())), key)
+
+
+def test_rule_7_a_jwk_with_private_members_is_refused(key):
+    body = jwt.decode(key.proof("GET", URL, TOKEN), options={"verify_signature": False})
+    private = dict(key.public_jwk, d=b64url_encode(key.key.private_numbers().private_value.to_bytes(32, "big")))
+    refused(reasons.DPOP_PROOF_INVALID, _sign(key, body, {"jwk": private}), key)
+
+
+def test_rule_7_a_header_without_jwk_is_refused(key):
+    body = jwt.decode(key.proof("GET", URL, TOKEN), options={"verify_signature": False})
+    proof = jwt.encode(body, key.key, algorithm="ES256", headers={"typ": "dpop+jwt"})
+    refused(reasons.DPOP_PROOF_INVALID, proof, key)
+
+
+def test_rule_8_htm_must_be_the_request_method(key):
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("POST", URL, TOKEN), key, method="GET")
+
+
+@pytest.mark.parametrize("htu", ["https://api.test/other", "https://evil.test/orders", "http://api.test/orders"])
+def test_rule_9_htu_must_be_the_request_uri(key, htu):
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", htu, TOKEN), key)
+
+
+@pytest.mark.parametrize("htu", ["https://API.test/orders", "https://api.test:443/orders", "HTTPS://api.test/orders",
+                                 "https://api.test/orders?x=1", "https://api.test/orders#frag"])
+def test_rule_9_htu_is_compared_normalised_without_query_or_fragment(key, htu):
+    assert check(key.proof("GET", htu, TOKEN), key, uri="https://api.test/orders?page=2")
+
+
+def test_rule_10_a_required_nonce_must_be_present_and_current(key):
+    settings = DpopSettings(require_nonce=True)
+    nonces = NonceIssuer(settings.nonce_secret, settings.nonce_lifetime)
+    refused(reasons.DPOP_NONCE_REQUIRED, key.proof("GET", URL, TOKEN), key, settings=settings)
+    refused(reasons.DPOP_NONCE_REQUIRED, key.proof("GET", URL, TOKEN, nonce="12.forged"), key, settings=settings)
+    stale = nonces.issue(time.time() - 3 * settings.nonce_lifetime)
+    refused(reasons.DPOP_NONCE_REQUIRED, key.proof("GET", URL, TOKEN, nonce=stale), key, settings=settings)
+    assert check(key.proof("GET", URL, TOKEN, nonce=nonces.issue(time.time())), key, settings=settings)
+
+
+@pytest.mark.parametrize("offset", [-3600, -61, 61, 3600])
+def test_rule_11_iat_must_be_within_the_window(key, offset):
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", URL, TOKEN, iat=time.time() + offset), key)
+
+
+def test_rule_12_ath_must_be_the_hash_of_the_presented_token(key):
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", URL, "another-token"), key)
+
+
+def test_rule_12_the_key_must_be_the_one_the_token_is_bound_to(key):
+    refused(reasons.BINDING_MISMATCH, key.proof("GET", URL, TOKEN), key, jkt=DpopKey.generate().jkt)
+
+
+def test_rule_12_a_token_presented_with_dpop_must_be_dpop_bound(key):
+    refused(reasons.TOKEN_UNBOUND, key.proof("GET", URL, TOKEN), key, jkt=None)
+
+
+def test_replayed_jti_is_refused(key):
+    store = MemoryStore()
+    proof = key.proof("GET", URL, TOKEN)
+    check(proof, key, store=store)
+    refused(reasons.DPOP_PROOF_INVALID, proof, key, store=store)
+
+
+def test_ath_is_the_base64url_sha256_of_the_token():
+    assert access_token_hash("Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU") == \
+        "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"  # RFC 9449 Figure 12 / 13
+
+
+def test_request_uri_is_rebuilt_from_what_a_gateway_reports():
+    assert request_uri("https", "API.test:443", "/orders?x=1") == "https://api.test/orders"
+    assert normalise_uri("http://h:8080/a") == "http://h:8080/a"
+    assert request_uri("", "h", "/") == "https://h/"
+
+
+def test_rsa_and_p384_proof_keys_are_accepted():
+    for private in (rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1())):
+        from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+        algo = RSAAlgorithm if isinstance(private, rsa.RSAPrivateKey) else ECAlgorithm
+        jwk = algo.to_jwk(private.public_key(), as_dict=True)
+        alg = "PS256" if isinstance(private, rsa.RSAPrivateKey) else "ES384"
+        body = {"jti": "j", "htm": "GET", "htu": URL, "iat": int(time.time()), "ath": access_token_hash(TOKEN)}
+        proof = jwt.encode(body, private, algorithm=alg, headers={"typ": "dpop+jwt", "jwk": jwk})
+        assert read_proof(proof, DpopSettings()).jkt == jwk_thumbprint(jwk)
+
+
+# -- through the pipeline: Authorization: DPoP, the downgrade, the challenge
+
+def _dpop_request(token: str, proof: str | None, pki, *, scheme: str = "DPoP", path: str = "/orders"):
+    headers = {"authorization": f"{scheme} {token}"}
+    if proof is not None:
+        headers["dpop"] = proof
+    return check_request(chain=pki.chain(), headers=headers, path=path)
+
+
+def test_pipeline_allows_a_dpop_bound_token_with_its_proof(make_pdp, pki, issuer, key):
+    pdp = make_pdp()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    decision = pdp.decide(_dpop_request(token, key.proof("GET", URL, token), pki))
+    assert decision.allowed, decision.explanation()
+    assert any("RFC 9449" in s.detail for s in decision.steps)
+
+
+def test_pipeline_refuses_a_dpop_bound_token_presented_as_bearer(make_pdp, pki, issuer, key):
+    pdp = make_pdp()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    decision = pdp.decide(_dpop_request(token, None, pki, scheme="Bearer"))
+    assert (decision.allowed, decision.reason, decision.status) == (False, "binding_dpop_required", 401)
+    assert decision.response_headers["www-authenticate"].startswith("DPoP ")
+
+
+def test_pipeline_challenge_names_the_error_and_the_algs(make_pdp, pki, issuer, key):
+    pdp = make_pdp()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    decision = pdp.decide(_dpop_request(token, key.proof("POST", URL, token), pki))
+    challenge = decision.response_headers["www-authenticate"]
+    assert decision.reason == "dpop_proof_invalid"
+    assert challenge.startswith("DPoP ") and 'error="invalid_dpop_proof"' in challenge and 'algs="' in challenge
+
+
+def test_pipeline_invalid_token_on_a_dpop_request_uses_the_dpop_scheme(make_pdp, pki, issuer, key):
+    pdp = make_pdp()
+    token = issuer.mint(audience="someone-else", scope="read", dpop_key=key)
+    decision = pdp.decide(_dpop_request(token, key.proof("GET", URL, token), pki))
+    assert decision.reason == "token_audience_invalid"
+    assert decision.response_headers["www-authenticate"].startswith('DPoP realm="pdp", error="invalid_token"')
+
+
+def test_pipeline_asks_for_a_nonce_and_accepts_it(make_pdp, pki, issuer, key):
+    pdp = make_pdp(extra='[dpop]\nrequire_nonce = true\nnonce_secret = "0123456789abcdef0123456789abcdef"\n')
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    first = pdp.decide(_dpop_request(token, key.proof("GET", URL, token), pki))
+    assert (first.reason, first.status) == ("dpop_nonce_required", 401)
+    assert 'error="use_dpop_nonce"' in first.response_headers["www-authenticate"]
+    nonce = first.response_headers["dpop-nonce"]
+    second = pdp.decide(_dpop_request(token, key.proof("GET", URL, token, nonce=nonce), pki))
+    assert second.allowed, second.explanation()
+
+
+def test_pipeline_refuses_a_replayed_proof(make_pdp, pki, issuer, key):
+    pdp = make_pdp()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    proof = key.proof("GET", URL, token)
+    assert pdp.decide(_dpop_request(token, proof, pki)).allowed
+    again = pdp.decide(_dpop_request(token, proof, pki))
+    assert (again.allowed, again.reason) == (False, "dpop_proof_invalid")
