@@ -7,9 +7,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdp.reasons import Reason
+
+if TYPE_CHECKING:
+    from pdp.identity import CertIdentity
+    from pdp.tokens import VerifiedToken
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -50,6 +54,9 @@ class Decision:
     metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     #: Set when the decision came from a credential check, not the policy.
     reason_info: Reason | None = None
+    #: What was verified (for in-process callers such as the ASGI middleware); never rendered.
+    identity: CertIdentity | None = field(default=None, repr=False, compare=False)
+    token: VerifiedToken | None = field(default=None, repr=False, compare=False)
 
     def explanation(self) -> dict[str, Any]:
         return {

@@ -89,6 +89,20 @@ def tls_protocol(base: type[Any]) -> type[Any]:
     return TlsExtensionProtocol
 
 
+def tls_protocols() -> dict[str, type[Any]]:
+    """uvicorn ``http=`` and ``ws=`` protocol classes that publish the ASGI TLS extension (websockets
+    only when a websocket library is installed: a handshake moves the connection to that protocol)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    protocols: dict[str, type[Any]] = {"http": tls_protocol(H11Protocol)}
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    except ImportError:
+        return protocols
+    protocols["ws"] = tls_protocol(WebSocketsSansIOProtocol)
+    return protocols
+
+
 def _with_tls_scope(app: ASGIApp, der: bytes | None, version: str | None, cipher: Any) -> ASGIApp:
     pem = (x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
            if der else None)

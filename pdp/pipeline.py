@@ -268,6 +268,7 @@ class Pdp:
             decision_id=decision_id, allowed=True, status=200, reason=reason_code, message="allowed",
             headers=upstream, headers_to_remove=remove, response_headers=dict(outcome.response_headers),
             steps=steps, metadata=self._metadata(decision_id, reason_code, trace, outcome),
+            identity=identity, token=token,
         )
 
     def _deny(self, decision_id: str, reason: Reason, detail: str, trace: _Trace,
@@ -290,6 +291,7 @@ class Pdp:
             decision_id=decision_id, allowed=False, status=status, reason=code,
             message=detail, response_headers=response_headers, body=outcome.body if outcome else "",
             steps=steps, metadata=self._metadata(decision_id, code, trace, outcome), reason_info=reason,
+            identity=trace.identity, token=trace.token,
         )
 
     @staticmethod

@@ -43,7 +43,7 @@ from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
 from pdp.grpc_listener import GrpcListener
 from pdp.jwks import StaticKeySource
-from pdp.listener_tls import caller_gate, caller_names, tls_protocol, uvicorn_ssl_options
+from pdp.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
 from pdp.metrics import CONTENT_TYPE, Metrics
 from pdp.pipeline import Pdp
 from pdp.reloader import Reloader, Watched
@@ -210,9 +210,7 @@ class Service:
         tls = self.config.server.tls
         app: Any = self.app()
         if tls is not None:
-            from uvicorn.protocols.http.h11_impl import H11Protocol
-
-            options.update(uvicorn_ssl_options(tls), http=tls_protocol(H11Protocol))
+            options.update(uvicorn_ssl_options(tls), **tls_protocols())
             app = caller_gate(app, tls.allowed_callers)
         return uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on", **options)
 
