@@ -16,10 +16,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdp.errors import ConfigError
 from pdp.jws import ASYMMETRIC_ALGORITHMS
+
+if TYPE_CHECKING:
+    from pdp.adapters.introspection import IntrospectionClient
 from pdp.listener_tls import ListenerTls
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
@@ -99,6 +102,15 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class IntrospectionConfig:
+    """The RFC 7662 endpoint pdp serves to resource servers, and who may call it."""
+
+    enabled: bool = False
+    issuer: str = "http://127.0.0.1:8181"
+    clients: tuple[IntrospectionClient, ...] = ()
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Shared state: "" keeps it in memory (one process); a redis:// or rediss:// URL shares it."""
 
@@ -122,6 +134,7 @@ class Config:
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     dpop: DpopSettings = field(default_factory=DpopSettings)
+    introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
@@ -448,6 +461,37 @@ def _dpop(t: _Table) -> DpopSettings:
     return cfg
 
 
+def _introspection(t: _Table) -> IntrospectionConfig:
+    from pdp.adapters.introspection import TLS_CLIENT_AUTH_NAMES, IntrospectionClient
+
+    enabled = t.flag("enabled", False)
+    issuer = t.text("issuer", IntrospectionConfig.issuer) or IntrospectionConfig.issuer
+    if not issuer.startswith(("https://", "http://")):
+        raise ConfigError(t.key("issuer"), "must be an http(s) URL")
+    clients: list[IntrospectionClient] = []
+    for c in t.tables("clients"):
+        client_id = c.text("client_id", required=True)
+        assert client_id is not None
+        secret = c.text("secret_sha256")
+        if secret is not None and (len(secret) != 64 or any(ch not in "0123456789abcdef" for ch in secret.lower())):
+            raise ConfigError(c.key("secret_sha256"), "must be the hex SHA-256 of the client secret")
+        names = [(n, c.text(n)) for n in TLS_CLIENT_AUTH_NAMES]
+        given = [(n, v) for n, v in names if v is not None]
+        if len(given) > 1:
+            raise ConfigError(c.path, "at most one tls_client_auth_* name per client (RFC 8705 §2.1.2)")
+        if secret is None and not given:
+            raise ConfigError(c.path, "needs secret_sha256 or a tls_client_auth_* name")
+        c.done()
+        if any(existing.client_id == client_id for existing in clients):
+            raise ConfigError(c.key("client_id"), f"client {client_id!r} is configured twice")
+        clients.append(IntrospectionClient(client_id, secret.lower() if secret else None,
+                                           (given[0][0], str(given[0][1])) if given else None))
+    if enabled and not clients:
+        raise ConfigError(t.key("clients"), "is required when the introspection endpoint is enabled")
+    t.done()
+    return IntrospectionConfig(enabled=enabled, issuer=issuer, clients=tuple(clients))
+
+
 def _store(t: _Table) -> StoreConfig:
     url = t.data.get("url", "")
     t.used.add("url")
@@ -479,6 +523,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
         decision=_decision(root.table("decision"), tokens.require_bound),
         gateway=_gateway(root.table("gateway")),
         dpop=_dpop(root.table("dpop")),
+        introspection=_introspection(root.table("introspection")),
         store=_store(root.table("store")),
         log=_log(root.table("log")),
         source=source,

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pdp import reasons
-from pdp.adapters import http_authz
+from pdp.adapters import http_authz, introspection
 from pdp.adapters.cert_headers import CertificateHeaders
 from pdp.adapters.json_check import RequestDocumentError, parse_request, render
 from pdp.assemble import (
@@ -40,8 +41,9 @@ from pdp.assemble import (
 )
 from pdp.config import Config
 from pdp.decision import Decision
-from pdp.errors import NeedsNetwork
+from pdp.errors import Denied, NeedsNetwork
 from pdp.grpc_listener import GrpcListener
+from pdp.identity import CertIdentity
 from pdp.jwks import StaticKeySource
 from pdp.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
 from pdp.metrics import CONTENT_TYPE, Metrics
@@ -214,6 +216,55 @@ class Service:
             app = caller_gate(app, tls.allowed_callers)
         return uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on", **options)
 
+    async def introspection(self, request: Request) -> Response:
+        """RFC 7662: authenticate the caller as an introspection client, then answer for the token."""
+        now = time.time()
+        clients = {c.client_id: c for c in self.config.introspection.clients}
+        try:
+            client = introspection.basic_client(request.headers.get("authorization"), clients)
+            if client is None:
+                identity = await run_in_threadpool(self._caller_identity, request, now)
+                if identity is None:
+                    raise introspection.ClientAuthError("no client authentication")
+                client = introspection.certificate_client(identity, clients)
+        except introspection.ClientAuthError as exc:
+            log.info("introspection refused: %s", exc)
+            return JSONResponse({"error": "invalid_client"}, status_code=401,
+                                headers={"www-authenticate": 'Basic realm="pdp"', "cache-control": "no-store"})
+        if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
+            return JSONResponse({"error": "invalid_request"}, status_code=400)
+        try:
+            body = await _read_body(request, 64 * 1024)
+            form = {k: v for k, v in urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)}
+        except (_TooLarge, UnicodeDecodeError, ValueError):
+            return JSONResponse({"error": "invalid_request"}, status_code=400)
+        if not form.get("token"):
+            return JSONResponse({"error": "invalid_request"}, status_code=400)
+        answer = await run_in_threadpool(introspection.introspect, self.pdp, form, now)
+        log.info("introspection by %s: active=%s", client.client_id, answer["active"])
+        return JSONResponse(answer, headers={"cache-control": "no-store"})
+
+    def _caller_identity(self, request: Request, now: float) -> CertIdentity | None:
+        """The caller's verified certificate: from pdp's mutual-TLS listener or a trusted proxy's header."""
+        tls = request.scope.get("extensions", {}).get("tls") or {}
+        chain: tuple[bytes, ...] = ()
+        if tls.get("client_cert_der"):
+            chain = (tls["client_cert_der"],)
+        elif self.cert_headers is not None:
+            peer = request.client.host if request.client else ""
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            chain = self.cert_headers.read(peer, headers, caller_names(None)).chain
+        if not chain:
+            return None
+        try:
+            return self.pdp.certificates.verify(chain, now)
+        except Denied as exc:
+            raise introspection.ClientAuthError(f"client certificate refused: {exc.reason.code}") from exc
+
+    async def oauth_metadata(self, request: Request) -> Response:
+        cfg = self.config.introspection
+        return JSONResponse(introspection.metadata(cfg.issuer, sorted(self.config.dpop.algorithms)))
+
     def app(self) -> Starlette:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -224,8 +275,13 @@ class Service:
                 self.stop()
 
         prefix = self.config.gateway.ext_authz_prefix
+        extra: list[Route] = []
+        if self.config.introspection.enabled:
+            extra = [Route("/oauth2/introspect", self.introspection, methods=["POST"]),
+                     Route("/.well-known/oauth-authorization-server", self.oauth_metadata, methods=["GET"])]
         return Starlette(
             routes=[
+                *extra,
                 Route(prefix, self.ext_authz, methods=_ALL_METHODS),
                 Route(prefix + "/{rest:path}", self.ext_authz, methods=_ALL_METHODS),
                 Route("/v1/check", self.check, methods=["POST"]),

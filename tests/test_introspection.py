@@ -1,0 +1,148 @@
+"""The RFC 7662 introspection endpoint on the real service, called by httpx as a resource server would."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import time
+import urllib.parse
+
+import httpx
+import pytest
+from conftest import AUDIENCE, bound_token
+from servers import serve_pdp
+
+from pdp.config import load_config
+from pdp.devpki import DpopKey, make_client
+from pdp.errors import ConfigError
+
+pytestmark = pytest.mark.integration
+
+SECRET = "s3cret-of-the-orders-api"
+RS_ID = "spiffe://example.org/orders-api"
+
+
+def clients_toml(extra_client: str = "") -> str:
+    return (f'[introspection]\nenabled = true\nissuer = "https://pdp.example.org"\n'
+            f'[[introspection.clients]]\nclient_id = "orders-api"\n'
+            f'secret_sha256 = "{hashlib.sha256(SECRET.encode()).hexdigest()}"\n'
+            f'[[introspection.clients]]\nclient_id = "mtls-api"\ntls_client_auth_san_uri = "{RS_ID}"\n'
+            f"{extra_client}")
+
+
+@pytest.fixture
+def serve(write_setup):
+    contexts = []
+
+    def start(extra: str = clients_toml()):
+        ctx = serve_pdp(load_config(write_setup(extra=extra)))
+        url, _ = ctx.__enter__()
+        contexts.append(ctx)
+        return url
+
+    yield start
+    for ctx in contexts:
+        ctx.__exit__(None, None, None)
+
+
+def introspect(url: str, token: str, **kw) -> httpx.Response:
+    kw.setdefault("auth", ("orders-api", SECRET))
+    return httpx.post(f"{url}/oauth2/introspect", data={"token": token, "token_type_hint": "access_token"}, **kw)
+
+
+def test_a_valid_bound_token_is_active_with_its_cnf(serve, pki, issuer):
+    url = serve()
+    token = bound_token(issuer, pki.client, scope="read write")
+    r = introspect(url, token)
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    body = r.json()
+    assert body["active"] is True
+    assert body["cnf"] == {"x5t#S256": pki.client.thumbprint}
+    assert body["token_type"] == "Bearer" and body["scope"] == "read write"
+    assert body["iss"] == "https://issuer.test" and body["aud"] == AUDIENCE
+    assert body["sub"] == "demo-user" and body["client_id"] == "demo-client"
+    assert {"exp", "iat", "nbf", "jti"} <= set(body)
+
+
+def test_a_dpop_bound_token_has_token_type_dpop_and_jkt(serve, issuer):
+    url = serve()
+    key = DpopKey.generate()
+    body = introspect(url, issuer.mint(audience=AUDIENCE, dpop_key=key)).json()
+    assert body["token_type"] == "DPoP" and body["cnf"] == {"jkt": key.jkt}
+
+
+@pytest.mark.parametrize("token", ["garbage", "a.b.c", "x" * 5000])
+def test_anything_invalid_is_just_inactive(serve, token):
+    url = serve()
+    assert introspect(url, token).json() == {"active": False}
+
+
+def test_an_expired_token_is_inactive_without_a_reason(serve, pki, issuer):
+    url = serve()
+    expired = bound_token(issuer, pki.client, now=time.time() - 7200, lifetime=60)
+    assert introspect(url, expired).json() == {"active": False}
+
+
+@pytest.mark.parametrize("auth", [None, ("orders-api", "wrong"), ("nobody", SECRET), ("mtls-api", "anything")])
+def test_unauthenticated_callers_get_401(serve, pki, issuer, auth):
+    url = serve()
+    r = httpx.post(f"{url}/oauth2/introspect", data={"token": bound_token(issuer, pki.client)}, auth=auth)
+    assert r.status_code == 401
+    assert r.json() == {"error": "invalid_client"} and r.headers["www-authenticate"].startswith("Basic")
+
+
+def test_a_request_without_a_token_is_invalid_request(serve):
+    url = serve()
+    r = httpx.post(f"{url}/oauth2/introspect", data={"nothing": "here"}, auth=("orders-api", SECRET))
+    assert r.status_code == 400 and r.json() == {"error": "invalid_request"}
+
+
+def test_the_metadata_document_lists_the_endpoint(serve):
+    url = serve()
+    meta = httpx.get(f"{url}/.well-known/oauth-authorization-server").json()
+    assert meta["introspection_endpoint"] == "https://pdp.example.org/oauth2/introspect"
+    assert "tls_client_auth" in meta["introspection_endpoint_auth_methods_supported"]
+    assert meta["tls_client_certificate_bound_access_tokens"] is True
+
+
+def test_tls_client_auth_through_a_trusted_proxy_header(serve, pki, issuer):
+    url = serve(clients_toml() + '[gateway]\ntrusted_proxies = ["127.0.0.1/32"]\ncert_header = "xfcc"\n')
+    rs = make_client(pki.intermediate, spiffe_id=RS_ID, common_name="orders api")
+    xfcc = f'Hash={hashlib.sha256(rs.der).hexdigest()};Cert="{urllib.parse.quote(rs.pem.decode(), safe="")}"'
+    r = introspect(url, bound_token(issuer, pki.client), auth=None, headers={"x-forwarded-client-cert": xfcc})
+    assert r.status_code == 200 and r.json()["active"] is True
+    stranger = make_client(pki.intermediate, spiffe_id="spiffe://example.org/nobody")
+    xfcc = f'Cert="{urllib.parse.quote(stranger.pem.decode(), safe="")}"'
+    denied = introspect(url, bound_token(issuer, pki.client), auth=None, headers={"x-forwarded-client-cert": xfcc})
+    assert denied.status_code == 401
+
+
+def test_tls_client_auth_over_pdps_mutual_tls_listener(write_setup, tmp_path, pki, issuer):
+    server = make_client(pki.intermediate, spiffe_id=None, common_name="pdp", ips=("127.0.0.1",),
+                         client_auth=False)
+    (tmp_path / "server.pem").write_bytes(server.pem + pki.intermediate.pem)
+    (tmp_path / "server.key").write_bytes(server.key_pem)
+    (tmp_path / "client-ca.pem").write_bytes(pki.root.pem + pki.intermediate.pem)
+    path = write_setup(extra=clients_toml())
+    text = path.read_text().replace("\n[policy]", '\n[server.tls]\ncert = "server.pem"\nkey = "server.key"\n'
+                                                  'client_ca = "client-ca.pem"\n\n[policy]', 1)
+    path.write_text(text)
+    rs = make_client(pki.intermediate, spiffe_id=RS_ID, common_name="orders api")
+    (tmp_path / "rs.pem").write_bytes(rs.pem)
+    (tmp_path / "rs.key").write_bytes(rs.key_pem)
+    ctx = ssl.create_default_context(cadata=pki.root.pem.decode())
+    ctx.load_cert_chain(str(tmp_path / "rs.pem"), str(tmp_path / "rs.key"))
+    with serve_pdp(load_config(path)) as (url, _), httpx.Client(verify=ctx) as client:
+        r = client.post(f"{url}/oauth2/introspect", data={"token": bound_token(issuer, pki.client)})
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] is True
+
+
+def test_introspection_config_errors_name_the_key(write_setup):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_setup(extra="[introspection]\nenabled = true\n"))
+    assert err.value.key == "introspection.clients"
+    with pytest.raises(ConfigError) as err:
+        load_config(write_setup(extra='[introspection]\n[[introspection.clients]]\nclient_id = "a"\n'
+                                      'secret_sha256 = "nothex"\n'))
+    assert err.value.key == "introspection.clients[0].secret_sha256"
