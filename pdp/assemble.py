@@ -16,7 +16,9 @@ from pdp.config import Config, IssuerConfig
 from pdp.decision_log import DecisionLog
 from pdp.errors import LoadError
 from pdp.http_fetch import make_fetch
+from pdp.introspection_client import make_introspect
 from pdp.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, discovered_jwks_url, parse_jwks
+from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 from pdp.pipeline import DecisionSink, Pdp
 from pdp.policy import PolicyBundle, PolicyEngine, load_bundle
 from pdp.rego import probe_compile
@@ -91,6 +93,8 @@ def _key_source(i: int, iss: IssuerConfig, fetch: Fetch | None) -> StaticKeySour
 def build_key_sources(config: Config, fetch: Fetch | None = None) -> KeySources:
     sources = KeySources()
     for i, iss in enumerate(config.tokens.issuers):
+        if iss.opaque:
+            continue
         sources.by_issuer[iss.issuer] = _key_source(i, iss, fetch)
         if iss.jwks_file is not None:
             sources.files[iss.issuer] = iss.jwks_file
@@ -103,19 +107,37 @@ def build_store(config: Config) -> Store:
     return RedisStore(config.store.url, prefix=config.store.prefix, timeout=config.store.timeout)
 
 
-def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
-              keys: KeySources | None = None, probe: bool = True, store: Store | None = None) -> Pdp:
-    keys = keys or build_key_sources(config, fetch)
-    issuers = [
+def build_token_verifier(config: Config, keys: KeySources) -> TokenVerifier:
+    """JWT issuers with their key sources, and opaque-token issuers with their introspection clients."""
+    jwt_issuers = [
         Issuer(issuer=i.issuer, audiences=frozenset(i.audiences), algorithms=frozenset(i.algorithms),
                keys=keys.by_issuer[i.issuer], accept_plain_jwt=i.accept_plain_jwt,
                required_claims=i.required_claims)
-        for i in config.tokens.issuers
+        for i in config.tokens.issuers if not i.opaque
     ]
+    opaque = [
+        OpaqueIssuer(
+            issuer=i.issuer, audiences=frozenset(i.audiences),
+            introspect=make_introspect(
+                str(i.introspection_endpoint), client_id=str(i.introspection_client_id),
+                auth_method=i.introspection_auth, client_secret=i.introspection_client_secret,
+                client_cert=i.introspection_client_cert, client_key=i.introspection_client_key,
+                ca=i.introspection_ca, timeout=i.introspection_timeout),
+            cache_ttl=i.introspection_cache_ttl, negative_ttl=i.introspection_negative_ttl)
+        for i in config.tokens.issuers if i.opaque
+    ]
+    return TokenVerifier(jwt_issuers, leeway=config.tokens.leeway, cache_size=config.tokens.cache_size,
+                         opaque=OpaqueVerifier(opaque, leeway=config.tokens.leeway,
+                                               cache_size=config.tokens.cache_size))
+
+
+def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
+              keys: KeySources | None = None, probe: bool = True, store: Store | None = None) -> Pdp:
+    keys = keys or build_key_sources(config, fetch)
     return Pdp(
         certificates=ChainVerifier(load_trust(config), max_chain_depth=config.certificates.max_chain_depth,
                                    cache_size=config.certificates.cache_size),
-        tokens=TokenVerifier(issuers, leeway=config.tokens.leeway, cache_size=config.tokens.cache_size),
+        tokens=build_token_verifier(config, keys),
         policy=load_policy(config, probe=probe),
         settings=config.decision,
         decision_log=DecisionLog(config.log.decisions),

@@ -179,16 +179,10 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     status = "not checked (give --config to verify against the configured issuers)"
     ok = True
     if args.config:
-        from pdp.assemble import build_key_sources
-        from pdp.tokens import Issuer, TokenVerifier
+        from pdp.assemble import build_key_sources, build_token_verifier
 
         config = _config(args.config)
-        keys = build_key_sources(config)
-        verifier = TokenVerifier([
-            Issuer(issuer=i.issuer, audiences=frozenset(i.audiences), algorithms=frozenset(i.algorithms),
-                   keys=keys.by_issuer[i.issuer], accept_plain_jwt=i.accept_plain_jwt,
-                   required_claims=i.required_claims) for i in config.tokens.issuers
-        ], leeway=config.tokens.leeway)
+        verifier = build_token_verifier(config, build_key_sources(config))
         try:
             verifier.verify(token, time.time())
             status = "valid (signature and claims verified)"

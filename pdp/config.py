@@ -80,6 +80,21 @@ class IssuerConfig:
     jwks_timeout: float = 3.0
     jwks_refresh_interval: float = 300.0
     jwks_min_refresh_interval: float = 30.0
+    #: Opaque tokens: the issuer's RFC 7662 endpoint, and how pdp authenticates there.
+    introspection_endpoint: str | None = None
+    introspection_auth: str = "client_secret_basic"
+    introspection_client_id: str | None = None
+    introspection_client_secret: str | None = None
+    introspection_client_cert: Path | None = None
+    introspection_client_key: Path | None = None
+    introspection_ca: Path | None = None
+    introspection_cache_ttl: float = 300.0
+    introspection_negative_ttl: float = 10.0
+    introspection_timeout: float = 3.0
+
+    @property
+    def opaque(self) -> bool:
+        return self.introspection_endpoint is not None
 
 
 @dataclass(frozen=True)
@@ -347,8 +362,11 @@ def _issuer(t: _Table, base: Path) -> IssuerConfig:
     jwks_file = t.text("jwks_file")
     jwks_url = t.text("jwks_url")
     discovery = t.flag("discovery", False)
-    if (jwks_file is not None) + (jwks_url is not None) + discovery != 1:
-        raise ConfigError(t.path, "needs exactly one of jwks_file, jwks_url or discovery = true")
+    endpoint = t.text("introspection_endpoint")
+    if (jwks_file is not None) + (jwks_url is not None) + discovery + (endpoint is not None) != 1:
+        raise ConfigError(t.path, "needs exactly one of jwks_file, jwks_url, discovery = true "
+                                  "or introspection_endpoint (opaque tokens)")
+    opaque = _opaque_settings(t, base, endpoint)
     if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
         raise ConfigError(t.key("jwks_url"), "must be an http(s) URL")
     if discovery and not issuer.startswith(("https://", "http://")):
@@ -363,9 +381,45 @@ def _issuer(t: _Table, base: Path) -> IssuerConfig:
         jwks_timeout=t.number("jwks_timeout", IssuerConfig.jwks_timeout, minimum=0.1),
         jwks_refresh_interval=t.number("jwks_refresh_interval", IssuerConfig.jwks_refresh_interval, minimum=1),
         jwks_min_refresh_interval=t.number("jwks_min_refresh_interval", IssuerConfig.jwks_min_refresh_interval),
+        **opaque,
     )
     t.done()
     return cfg
+
+
+def _opaque_settings(t: _Table, base: Path, endpoint: str | None) -> dict[str, Any]:
+    names = ("introspection_auth", "introspection_client_id", "introspection_client_secret",
+             "introspection_client_cert", "introspection_client_key", "introspection_ca")
+    if endpoint is None:
+        for name in names:
+            if name in t.data:
+                raise ConfigError(t.key(name), "only goes with introspection_endpoint")
+        return {}
+    if not endpoint.startswith(("https://", "http://")):
+        raise ConfigError(t.key("introspection_endpoint"), "must be an http(s) URL")
+    client_id = t.text("introspection_client_id", required=True)
+    secret = t.text("introspection_client_secret")
+    cert = t.text("introspection_client_cert")
+    key = t.text("introspection_client_key")
+    auth = t.text("introspection_auth", "tls_client_auth" if cert and not secret else "client_secret_basic")
+    if auth not in ("client_secret_basic", "client_secret_post", "tls_client_auth"):
+        raise ConfigError(t.key("introspection_auth"),
+                          "must be client_secret_basic, client_secret_post or tls_client_auth")
+    if auth == "tls_client_auth" and cert is None:
+        raise ConfigError(t.key("introspection_client_cert"), "is required for tls_client_auth")
+    if auth != "tls_client_auth" and secret is None:
+        raise ConfigError(t.key("introspection_client_secret"), f"is required for {auth}")
+    ca = t.text("introspection_ca")
+    return {
+        "introspection_endpoint": endpoint, "introspection_auth": auth, "introspection_client_id": client_id,
+        "introspection_client_secret": secret,
+        "introspection_client_cert": _path(base, cert) if cert else None,
+        "introspection_client_key": _path(base, key) if key else None,
+        "introspection_ca": _path(base, ca) if ca else None,
+        "introspection_cache_ttl": t.number("introspection_cache_ttl", 300.0),
+        "introspection_negative_ttl": t.number("introspection_negative_ttl", 10.0),
+        "introspection_timeout": t.number("introspection_timeout", 3.0, minimum=0.1),
+    }
 
 
 def _tokens(t: _Table, base: Path) -> TokensConfig:

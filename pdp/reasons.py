@@ -73,6 +73,10 @@ TOKEN_CLAIMS_INVALID = _r("token_claims_invalid", 401, "invalid_token", True,
                           "the access token's claims are invalid")
 TOKEN_UNBOUND = _r("token_unbound", 401, "invalid_token", True,
                    "the access token is not bound to the client certificate")
+TOKEN_INACTIVE = _r("token_inactive", 401, "invalid_token", True,
+                    "the authorization server says the token is not active")
+INTROSPECTION_UNAVAILABLE = _r("introspection_unavailable", 503,
+                               description="the authorization server's introspection endpoint is unavailable")
 JWKS_UNAVAILABLE = _r("jwks_unavailable", 503, description="the issuer's keys cannot be fetched")
 
 # -- RFC 8705 binding

@@ -20,6 +20,7 @@ from pdp.errors import Denied, NeedsNetwork
 from pdp.jose import DecodeError, json_object
 from pdp.jwks import KeySet, KeySource
 from pdp.jws import JwsError, ParsedJws, parse_compact, verify
+from pdp.opaque import OpaqueVerifier
 
 #: A cached token expires this long before its ``exp``.
 CACHE_MARGIN_SECONDS = 1.0
@@ -67,8 +68,9 @@ def token_digest(token: str) -> bytes:
 
 class TokenVerifier:
     def __init__(self, issuers: list[Issuer], *, leeway: float = 30.0, cache_size: int = 10_000,
-                 max_cache_seconds: float = 300.0) -> None:
+                 max_cache_seconds: float = 300.0, opaque: OpaqueVerifier | None = None) -> None:
         self._issuers = {i.issuer: i for i in issuers}
+        self._opaque = opaque
         self._leeway = leeway
         self._max_cache = max_cache_seconds
         self._cache: ExpiringCache[bytes, tuple[KeySet, VerifiedToken]] = ExpiringCache(cache_size)
@@ -79,8 +81,11 @@ class TokenVerifier:
 
     def verify(self, token: str, now: float, *, network: bool = True) -> VerifiedToken:
         """Verify ``token`` at ``now``; raise ``Denied``. With ``network=False``, raise
-        ``NeedsNetwork`` instead of waiting on a key-set fetch."""
+        ``NeedsNetwork`` instead of waiting on a key-set fetch or an introspection call."""
         digest = token_digest(token)
+        if self._opaque and token.count(".") != 2:
+            opaque_issuer, answer = self._opaque.verify(token, digest, now, network)
+            return _from_introspection(digest, opaque_issuer.issuer, answer)
         hit = self._cache.get(digest, now)
         if hit is not None:
             keyset, verified = hit
@@ -158,14 +163,32 @@ def _denial(exc: JwsError) -> Denied:
     return Denied(reason, str(exc))
 
 
-def _verified(digest: bytes, issuer: Issuer, parsed: ParsedJws, claims: dict[str, Any]) -> VerifiedToken:
+def _binding_claims(claims: dict[str, Any]) -> tuple[str | None, str | None]:
     cnf = claims.get("cnf") or {}
-    x5t = cnf.get("x5t#S256")
-    jkt = cnf.get("jkt")
+    if not isinstance(cnf, dict):
+        raise Denied(reasons.TOKEN_CLAIMS_INVALID, "'cnf' is not an object")
+    x5t, jkt = cnf.get("x5t#S256"), cnf.get("jkt")
     if x5t is not None and not isinstance(x5t, str):
         raise Denied(reasons.TOKEN_CLAIMS_INVALID, "'cnf.x5t#S256' is not a string")
     if jkt is not None and not isinstance(jkt, str):
         raise Denied(reasons.TOKEN_CLAIMS_INVALID, "'cnf.jkt' is not a string")
+    return x5t, jkt
+
+
+def _from_introspection(digest: bytes, issuer: str, claims: dict[str, Any]) -> VerifiedToken:
+    """A ``VerifiedToken`` for an opaque token, from its (checked) RFC 7662 answer."""
+    x5t, jkt = _binding_claims(claims)
+    scopes = rfc9068.scopes(claims)
+    hexdigest = digest.hex()
+    view = {"present": True, "kind": "opaque", "issuer": issuer, "claims": claims, "scopes": list(scopes),
+            "sub": claims.get("sub"), "client_id": claims.get("client_id"), "jti": claims.get("jti"),
+            "alg": None, "digest": hexdigest[:32]}
+    return VerifiedToken(digest=hexdigest, issuer=issuer, claims=claims, scopes=scopes, alg="opaque", kid=None,
+                         exp=float(claims["exp"]), x5t_s256=x5t, jkt=jkt, policy_view=view)
+
+
+def _verified(digest: bytes, issuer: Issuer, parsed: ParsedJws, claims: dict[str, Any]) -> VerifiedToken:
+    x5t, jkt = _binding_claims(claims)
     scopes = rfc9068.scopes(claims)
     hexdigest = digest.hex()
     view = {

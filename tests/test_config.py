@@ -213,7 +213,7 @@ def test_known_algorithms_accepted(algs: Any) -> None:
 def test_issuer_needs_exactly_one_key_source(sources: dict[str, Any]) -> None:
     err = error_of({"tokens": {"issuers": [issuer(**sources)]}})
     assert err.key == "tokens.issuers[0]"
-    assert "exactly one of jwks_file, jwks_url or discovery" in err.message
+    assert "exactly one of jwks_file, jwks_url, discovery = true or introspection_endpoint" in err.message
 
 
 @pytest.mark.parametrize("sources", [{"jwks_file": None, "jwks_url": "https://issuer.test/jwks"},
