@@ -15,8 +15,8 @@ from pathlib import Path
 from pdp.config import Config, IssuerConfig
 from pdp.decision_log import DecisionLog
 from pdp.errors import LoadError
-from pdp.http_fetch import make_fetch
-from pdp.introspection_client import make_introspect
+from pdp.http_fetch import HttpFetch
+from pdp.introspection_client import IntrospectionClient
 from pdp.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, discovered_jwks_url, parse_jwks
 from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 from pdp.pipeline import DecisionSink, Pdp
@@ -71,16 +71,23 @@ class KeySources:
 
     by_issuer: dict[str, StaticKeySource | RemoteKeySource] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    #: HTTP clients this set of sources opened (closed by ``Pdp.close``).
+    clients: list[HttpFetch] = field(default_factory=list)
 
     def remote(self) -> list[RemoteKeySource]:
         return [s for s in self.by_issuer.values() if isinstance(s, RemoteKeySource)]
 
 
-def _key_source(i: int, iss: IssuerConfig, fetch: Fetch | None) -> StaticKeySource | RemoteKeySource:
+def _key_source(i: int, iss: IssuerConfig, fetch: Fetch | None,
+                clients: list[HttpFetch]) -> StaticKeySource | RemoteKeySource:
     key = f"tokens.issuers[{i}]"
     if iss.jwks_file is not None:
         return StaticKeySource(load_jwks_file(iss.jwks_file, f"{key}.jwks_file"))
-    get = fetch or make_fetch(iss.jwks_timeout)
+    get = fetch
+    if get is None:
+        client = HttpFetch(iss.jwks_timeout)
+        clients.append(client)
+        get = client
     if iss.jwks_url is not None:
         url = iss.jwks_url
         resolve: Callable[[], str] = lambda: url  # noqa: E731
@@ -95,7 +102,7 @@ def build_key_sources(config: Config, fetch: Fetch | None = None) -> KeySources:
     for i, iss in enumerate(config.tokens.issuers):
         if iss.opaque:
             continue
-        sources.by_issuer[iss.issuer] = _key_source(i, iss, fetch)
+        sources.by_issuer[iss.issuer] = _key_source(i, iss, fetch, sources.clients)
         if iss.jwks_file is not None:
             sources.files[iss.issuer] = iss.jwks_file
     return sources
@@ -118,7 +125,7 @@ def build_token_verifier(config: Config, keys: KeySources) -> TokenVerifier:
     opaque = [
         OpaqueIssuer(
             issuer=i.issuer, audiences=frozenset(i.audiences),
-            introspect=make_introspect(
+            introspect=IntrospectionClient(
                 str(i.introspection_endpoint), client_id=str(i.introspection_client_id),
                 auth_method=i.introspection_auth, client_secret=i.introspection_client_secret,
                 client_cert=i.introspection_client_cert, client_key=i.introspection_client_key,
@@ -134,14 +141,18 @@ def build_token_verifier(config: Config, keys: KeySources) -> TokenVerifier:
 def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
               keys: KeySources | None = None, probe: bool = True, store: Store | None = None) -> Pdp:
     keys = keys or build_key_sources(config, fetch)
+    tokens = build_token_verifier(config, keys)
+    closers = [c.close for c in keys.clients] + [
+        i.introspect.close for i in tokens.opaque_issuers if isinstance(i.introspect, IntrospectionClient)]
     return Pdp(
         certificates=ChainVerifier(load_trust(config), max_chain_depth=config.certificates.max_chain_depth,
                                    cache_size=config.certificates.cache_size),
-        tokens=build_token_verifier(config, keys),
+        tokens=tokens,
         policy=load_policy(config, probe=probe),
         settings=config.decision,
         decision_log=DecisionLog(config.log.decisions),
         sinks=sinks,
         dpop=config.dpop,
         store=store or build_store(config),
+        closers=tuple(closers),
     )

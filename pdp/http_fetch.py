@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import httpx
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
@@ -13,14 +11,17 @@ class FetchError(RuntimeError):
     pass
 
 
-def make_fetch(timeout: float, client: httpx.Client | None = None) -> Callable[[str], bytes]:
+class HttpFetch:
     """A ``fetch(url) -> bytes`` for key sources: one GET, a timeout, no redirects, at most 1 MiB."""
-    http = client or httpx.Client(timeout=timeout, follow_redirects=False,
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._http = httpx.Client(timeout=timeout, follow_redirects=False,
                                   headers={"accept": "application/json, application/jwk-set+json"})
 
-    def fetch(url: str) -> bytes:
+    def __call__(self, url: str) -> bytes:
         try:
-            with http.stream("GET", url, timeout=timeout) as response:
+            with self._http.stream("GET", url, timeout=self.timeout) as response:
                 if response.status_code != 200:
                     raise FetchError(f"GET {url}: HTTP {response.status_code}")
                 body = bytearray()
@@ -32,4 +33,5 @@ def make_fetch(timeout: float, client: httpx.Client | None = None) -> Callable[[
         except httpx.HTTPError as exc:
             raise FetchError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
 
-    return fetch
+    def close(self) -> None:
+        self._http.close()

@@ -92,7 +92,7 @@ class Pdp:
     def __init__(self, *, certificates: ChainVerifier, tokens: TokenVerifier, policy: PolicyEngine,
                  settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
                  sinks: tuple[DecisionSink, ...] = (), dpop: DpopSettings | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, closers: tuple[Callable[[], None], ...] = ()) -> None:
         self.certificates = certificates
         self.tokens = tokens
         self.policy = policy
@@ -102,6 +102,12 @@ class Pdp:
         self.nonces = NonceIssuer(self.dpop.nonce_secret, self.dpop.nonce_lifetime)
         self.decision_log = decision_log or DecisionLog()
         self.sinks = sinks
+        self._closers = closers
+
+    def close(self) -> None:
+        """Release what this decision point opened (HTTP clients for key sets and introspection)."""
+        for close in self._closers:
+            close()
 
     def decide(self, request: CheckRequest, *, network: bool = True) -> Decision:
         """Decide on ``request``. Never raises, except ``NeedsNetwork`` when ``network`` is False

@@ -139,6 +139,7 @@ class Service:
         if self._refresher is not None:
             self._refresher.join(timeout=5)
             self._refresher = None
+        self.pdp.close()
 
     def readiness(self) -> dict[str, Any]:
         pdp = self.pdp

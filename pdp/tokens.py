@@ -20,7 +20,7 @@ from pdp.errors import Denied, NeedsNetwork
 from pdp.jose import DecodeError, json_object
 from pdp.jwks import KeySet, KeySource
 from pdp.jws import JwsError, ParsedJws, parse_compact, verify
-from pdp.opaque import OpaqueVerifier
+from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 
 #: A cached token expires this long before its ``exp``.
 CACHE_MARGIN_SECONDS = 1.0
@@ -78,6 +78,10 @@ class TokenVerifier:
     @property
     def issuers(self) -> dict[str, Issuer]:
         return self._issuers
+
+    @property
+    def opaque_issuers(self) -> list[OpaqueIssuer]:
+        return self._opaque.issuers if self._opaque else []
 
     def verify(self, token: str, now: float, *, network: bool = True) -> VerifiedToken:
         """Verify ``token`` at ``now``; raise ``Denied``. With ``network=False``, raise

@@ -34,7 +34,8 @@ def serve_pdp(config: Config) -> Iterator[tuple[str, Service]]:
     """Start the real service on a free loopback port; yield (base URL, service)."""
     service = Service(config)
     port = free_port()
-    server = uvicorn.Server(service.uvicorn_config("127.0.0.1", port, log_level="warning"))
+    server = uvicorn.Server(service.uvicorn_config("127.0.0.1", port, log_level="warning",
+                                                   timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
