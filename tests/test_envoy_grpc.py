@@ -353,3 +353,23 @@ def test_each_deny_reason_maps_to_envoys_codes(envoy, pki, issuer, case, reason,
     response = stub.Check(message)
     assert json.loads(response.denied_response.body)["reason"] == reason
     assert (response.status.code, response.denied_response.status.code) == (grpc_code, http_status)
+
+
+def test_dpop_through_envoy_rebuilds_htu_from_scheme_host_and_path(envoy, pki, issuer):
+    from conftest import AUDIENCE
+
+    from pdp.devpki import DpopKey
+
+    stub, _, _ = envoy()
+    key = DpopKey.generate()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    message = envoy_request(pki, path="/orders?page=2")
+    message.attributes.request.http.headers["authorization"] = f"DPoP {token}"
+    message.attributes.request.http.headers["dpop"] = key.proof("GET", "https://api.test/orders", token)
+    assert stub.Check(message).status.code == code_pb2.OK
+    wrong_host = key.proof("GET", "https://other.test/orders", token)
+    message.attributes.request.http.headers["dpop"] = wrong_host
+    denied = stub.Check(message)
+    assert json.loads(denied.denied_response.body)["reason"] == "dpop_proof_invalid"
+    challenge = {h.header.key: h.header.value for h in denied.denied_response.headers}["www-authenticate"]
+    assert challenge.startswith("DPoP ")
