@@ -76,3 +76,17 @@ def test_compose_runs_envoy_before_two_pdp_replicas_built_from_this_folder():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
+
+
+def test_every_toml_snippet_in_the_readme_is_a_valid_config(tmp_path):
+    import tomllib
+
+    from pdp.config import parse_config
+
+    for name in ("pdp-server.pem", "pdp-server.key", "ca.pem"):
+        (tmp_path / name).write_text("placeholder")
+    blocks = re.findall(r"```toml\n(.*?)\n```", README, re.DOTALL)
+    assert len(blocks) >= 6
+    for block in blocks:
+        text = block.replace('secret_sha256 = "…"', f'secret_sha256 = "{"ab" * 32}"')
+        parse_config(tomllib.loads(text), tmp_path)  # raises ConfigError naming any key it does not know
