@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdp.adapters.cert_headers import CertificateHeaders
 from pdp.config import Config, IssuerConfig
 from pdp.decision_log import DecisionLog
 from pdp.errors import LoadError
@@ -106,6 +107,15 @@ def build_key_sources(config: Config, fetch: Fetch | None = None) -> KeySources:
         if iss.jwks_file is not None:
             sources.files[iss.issuer] = iss.jwks_file
     return sources
+
+
+def build_certificate_headers(config: Config) -> CertificateHeaders | None:
+    """The trusted-proxy certificate header reader of ``[gateway]``, if one is configured."""
+    gw = config.gateway
+    if not gw.cert_header:
+        return None
+    return CertificateHeaders(gw.cert_header, gw.trusted_proxies, header=gw.cert_header_name or None,
+                              xfcc_element=gw.xfcc_element)
 
 
 def build_store(config: Config) -> Store:

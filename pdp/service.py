@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from pdp import reasons
 from pdp.adapters import http_authz, introspection
-from pdp.adapters.cert_headers import CertificateHeaders
 from pdp.adapters.json_check import RequestDocumentError, parse_request, render
 from pdp.assemble import (
+    build_certificate_headers,
     build_key_sources,
     build_pdp,
     load_jwks_file,
@@ -69,9 +69,7 @@ class Service:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self.grpc: GrpcListener | None = None
-        gw = config.gateway
-        self.cert_headers = CertificateHeaders(gw.cert_header, gw.trusted_proxies, header=gw.cert_header_name or None,
-                                               xfcc_element=gw.xfcc_element) if gw.cert_header else None
+        self.cert_headers = build_certificate_headers(config)
 
     # -- keeping current
     def _watched(self) -> list[Watched]:
@@ -109,7 +107,7 @@ class Service:
         """One pass of the key refresher: fetch every remote key set that is missing or stale."""
         now = time.time()
         for source in self.keys.remote():
-            if source.stale(now):
+            if source.stale(now) and source.would_fetch(now):
                 source.refresh(now)
                 if source.last_error is not None:
                     self.metrics.jwks_refresh_failures.labels(source.name).inc()
