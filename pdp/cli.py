@@ -220,19 +220,11 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from pdp.rego_testing import report, run_tests
 
     paths = [Path(p) for p in args.paths] or [DEFAULT_POLICY_DIR]
-    engine = args.engine or _default_test_engine()
+    engine = args.engine or "regorus"
     bundle = load_bundle(paths, entrypoint="data", engine=engine, include_tests=True)
     probe_compile(bundle)
     ok = report(run_tests(bundle), sys.stdout, verbose=args.verbose)
     return 0 if ok else EXIT_DENY
-
-
-def _default_test_engine() -> str:
-    try:
-        import regorus  # noqa: F401
-    except ImportError:
-        return "regopy"
-    return "regorus"
 
 
 def build_parser() -> argparse.ArgumentParser:
