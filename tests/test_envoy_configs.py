@@ -92,6 +92,7 @@ def test_the_compose_pdp_config_builds_against_a_dev_setup(tmp_path):
     (tmp_path / "pdp.toml").write_text(text)
     config = load_config(tmp_path / "pdp.toml")
     assert config.server.tls is not None and config.server.tls.allowed_callers == ("spiffe://example.org/gateway",)
+    assert config.store.url == "redis://redis:6379/0"
     assert build_pdp(config).policy is not None
 
 

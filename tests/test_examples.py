@@ -66,7 +66,8 @@ def test_bound_client_example(running_dev, spiffe_id, scope, method, allowed):
 def test_compose_runs_envoy_before_two_pdp_replicas_built_from_this_folder():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"setup", "pdp-1", "pdp-2", "envoy", "upstream"} <= set(services)
+    assert {"setup", "pdp-1", "pdp-2", "envoy", "upstream", "redis"} <= set(services)
+    assert "redis" in services["pdp-1"]["depends_on"]
     for name in ("pdp-1", "pdp-2"):
         assert services[name]["build"] == "." and (ROOT / "Dockerfile").is_file()
         assert services[name]["command"] == ["pdp", "serve", "--config", "/etc/pdp/pdp.toml"]
