@@ -12,6 +12,9 @@ types (lifespan) pass through.
 The client certificate comes from the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``) where the server
 provides it, else from a trusted proxy's header (``CertificateHeaders``).
+Proxies are trusted by ``scope["client"]``: run the server without
+proxy-header rewriting (uvicorn ``proxy_headers=False``), or a local caller's
+``X-Forwarded-For`` could claim a trusted proxy's address.
 """
 
 from __future__ import annotations

@@ -57,8 +57,10 @@ def uvicorn_config(dev: Path, host: str, port: int) -> uvicorn.Config:
     options = uvicorn_ssl_options(tls)
     # The client certificate is optional at the TLS layer, so the policy can answer cert_required itself.
     options["ssl_cert_reqs"] = ssl.CERT_OPTIONAL
+    # proxy_headers=False: the middleware trusts proxies by the transport peer, which X-Forwarded-For
+    # must not rewrite (uvicorn's default would let a local caller claim a trusted proxy's address).
     return uvicorn.Config(create_app(dev / "pdp.toml"), host=host, port=port, log_level="warning",
-                          **options, **tls_protocols())
+                          proxy_headers=False, **options, **tls_protocols())
 
 
 def main() -> None:

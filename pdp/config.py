@@ -424,6 +424,12 @@ def _opaque_settings(t: _Table, base: Path, endpoint: str | None) -> dict[str, A
 
 def _tokens(t: _Table, base: Path) -> TokensConfig:
     issuers = tuple(_issuer(i, base) for i in t.tables("issuers"))
+    opaque = [i for i, iss in enumerate(issuers) if iss.opaque]
+    if len(opaque) > 1:
+        # An opaque token names no issuer: with two introspection endpoints, every token would be
+        # shown to both authorization servers, and either could vouch for the other's tokens.
+        raise ConfigError(f"{t.key('issuers')}[{opaque[1]}].introspection_endpoint",
+                          "only one issuer may use introspection (opaque tokens name no issuer)")
     seen: set[str] = set()
     for i, iss in enumerate(issuers):
         if iss.issuer in seen:

@@ -67,7 +67,7 @@ def _demo_data() -> dict[str, object]:
         "require_bound_token": True,
         "routes": [
             {"prefix": "/", "spiffe_ids": [CLIENT_ID, "spiffe://example.org/admin/*"]},
-            {"prefix": "/admin/", "spiffe_ids": ["spiffe://example.org/admin/*"], "scopes": ["admin"]},
+            {"prefix": "/admin", "spiffe_ids": ["spiffe://example.org/admin/*"], "scopes": ["admin"]},
             {"prefix": "/", "methods": ["GET", "HEAD"], "scopes": ["read"]},
             {"prefix": "/", "methods": ["POST", "PUT", "PATCH", "DELETE"], "scopes": ["write"]},
         ],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +43,11 @@ log = logging.getLogger("pdp")
 
 _CREDENTIAL = re.compile(r"(?:Bearer|DPoP) +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
 # A path the upstream may read differently from the policy: dot segments, empty segments,
-# backslashes, control characters, and percent-encoded unreserved characters, slashes or backslashes.
+# backslashes, control characters, ';' path parameters (some servers strip them: '/admin;/x'),
+# and percent-encoded unreserved characters, slashes, backslashes or semicolons.
 _AMBIGUOUS_PATH = re.compile(
-    r"//|/\.\.?(?:/|$)|\\|[\x00-\x20\x7f]|%(?:2[dDeEfF]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])")
+    r"//|/\.\.?(?:/|$)|\\|;|[\x00-\x20\x7f]"
+    r"|%(?:2[dDeEfF]|3[0-9bB]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,10 @@ class UpstreamHeaders:
     client_id: str = "x-pdp-client-id"
     cert_thumbprint: str = "x-pdp-cert-thumbprint"
     decision_id: str = "x-pdp-decision-id"
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.spiffe_id, self.subject, self.client_id, self.cert_thumbprint,
+                                 self.decision_id) if n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +176,9 @@ class Pdp:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"path of {len(request.path)} bytes")
         if not request.method or not request.path.startswith("/"):
             raise Denied(reasons.REQUEST_INVALID, "method or path missing")
-        path = request.path.split("?", 1)[0].split("#", 1)[0]
+        if "#" in request.path:
+            raise Denied(reasons.REQUEST_INVALID, "a request target has no fragment")
+        path = request.path.split("?", 1)[0]
         if _AMBIGUOUS_PATH.search(path):
             # Prefix rules on such a path could be escaped ('/public/../admin'): refuse, never guess.
             raise Denied(reasons.REQUEST_INVALID, "the path is not in normal form (dot or empty segments, "
@@ -193,12 +202,13 @@ class Pdp:
         if header is None:
             trace.ok("credential", "no access token")
             return None
-        scheme = header.split(" ", 1)[0].lower()
+        words = header.split(None, 1)  # any whitespace: 'Bearer\t<token>' is still a Bearer credential
+        scheme = words[0].lower() if words else ""
         if scheme not in ("bearer", "dpop"):
             trace.ok("credential", f"authorization scheme {scheme[:16]!r} is not Bearer or DPoP: no access token")
             return None
         trace.dpop = scheme == "dpop"
-        match = _CREDENTIAL.fullmatch(header)
+        match = _CREDENTIAL.fullmatch(header.strip())  # one or more spaces only, RFC 6750 §2.1
         if match is None:
             raise Denied(reasons.TOKEN_MALFORMED, f"the {scheme} credential is not a token68 value")
         trace.raw_token = match.group(1)
@@ -265,21 +275,26 @@ class Pdp:
             _put(upstream, s.upstream.client_id, token.claims.get("client_id"))
         _put(upstream, s.upstream.decision_id, decision_id)
         upstream.update(outcome.headers)
-        remove = outcome.headers_to_remove
-        if s.remove_authorization and token is not None and "authorization" not in remove:
-            remove = (*remove, "authorization")
+        upstream = {k: _header_value(v) for k, v in upstream.items()}
+        # pdp's own header names never pass from the client: the ones this decision does not set are
+        # removed (a client's 'x-pdp-subject' must not reach the upstream on a token without 'sub').
+        remove = list(outcome.headers_to_remove)
+        remove += [n for n in s.upstream.names() if n not in upstream and n not in remove]
+        if s.remove_authorization:
+            remove += [h for h in ("authorization", "dpop") if h not in remove and h not in upstream]
         reason_code = outcome.reason or reasons.ALLOWED.code
         steps = (*trace.steps, Step("decision", True, "allow"))
         return Decision(
             decision_id=decision_id, allowed=True, status=200, reason=reason_code, message="allowed",
-            headers=upstream, headers_to_remove=remove, response_headers=dict(outcome.response_headers),
+            headers=upstream, headers_to_remove=tuple(remove),
+            response_headers={k: _header_value(v) for k, v in outcome.response_headers.items()},
             steps=steps, metadata=self._metadata(decision_id, reason_code, trace, outcome),
             identity=identity, token=token,
         )
 
     def _deny(self, decision_id: str, reason: Reason, detail: str, trace: _Trace,
               outcome: PolicyOutcome | None = None) -> Decision:
-        response_headers: dict[str, str] = dict(outcome.response_headers) if outcome else {}
+        response_headers = {k: _header_value(v) for k, v in outcome.response_headers.items()} if outcome else {}
         if reason.challenge:
             dpop = reason.dpop or trace.dpop
             response_headers["www-authenticate"] = challenge(
@@ -314,6 +329,13 @@ class Pdp:
         if outcome is not None and outcome.dynamic_metadata:
             meta["policy"] = dict(outcome.dynamic_metadata)
         return meta
+
+
+def _header_value(value: str) -> str:
+    """A value every HTTP stack can carry: non-ASCII text (a 'sub' of 'Łukasz') is percent-encoded as UTF-8."""
+    if value.isascii():
+        return value
+    return urllib.parse.quote(value, safe="".join(chr(c) for c in range(0x20, 0x7f)))
 
 
 def _byte_length(text: str) -> int:

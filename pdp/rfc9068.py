@@ -37,7 +37,7 @@ def check_type(header: Mapping[str, Any], accept_plain_jwt: bool) -> None:
     raise Denied(reasons.TOKEN_TYPE_INVALID, f"token type {typ or '(none)'!r} is not {expected}")
 
 
-def _is_number(value: Any) -> bool:
+def is_numeric_date(value: Any) -> bool:
     """A JSON number usable as a NumericDate: not a boolean, and finite as a float."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return False
@@ -57,7 +57,7 @@ def check_claims(claims: Mapping[str, Any], *, required: tuple[str, ...], audien
         if name in claims and not isinstance(claims[name], str):
             raise Denied(reasons.TOKEN_CLAIMS_INVALID, f"claim {name!r} is not a string")
     for name in _TIME_CLAIMS:
-        if name in claims and not _is_number(claims[name]):
+        if name in claims and not is_numeric_date(claims[name]):
             raise Denied(reasons.TOKEN_CLAIMS_INVALID, f"claim {name!r} is not a number")
 
     exp = claims.get("exp")

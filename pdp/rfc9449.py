@@ -29,8 +29,11 @@ from pdp.jose import DecodeError, b64url_encode, json_object
 from pdp.jwks import KeySet, KeySetError, parse_jwk
 from pdp.jws import ASYMMETRIC_ALGORITHMS, JwsError, parse_compact, verify
 from pdp.rfc7638 import ThumbprintError, jwk_thumbprint
+from pdp.rfc9068 import is_numeric_date
 from pdp.store import Store, StoreUnavailable
 
+#: jti, htu and the rest are short in practice; a long one only costs memory in the replay store.
+MAX_CLAIM_LENGTH = 512
 DEFAULT_ALGORITHMS = frozenset({"ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA"})
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 
@@ -143,8 +146,10 @@ def read_proof(proof_header: str | None, settings: DpopSettings,
     for name in ("jti", "htm", "htu", "ath", "nonce"):
         if name in claims and (not isinstance(claims[name], str) or not claims[name]):
             raise _invalid(f"'{name}' is not a non-empty string")
-    if not isinstance(claims.get("iat"), int | float) or isinstance(claims.get("iat"), bool):
-        raise _invalid("'iat' is not a number")
+        if name in claims and len(claims[name]) > MAX_CLAIM_LENGTH:
+            raise _invalid(f"'{name}' is longer than {MAX_CLAIM_LENGTH} characters")
+    if not is_numeric_date(claims.get("iat")):
+        raise _invalid("'iat' is not a finite number")
     # 4. typ
     typ = parsed.header.get("typ")
     if not isinstance(typ, str) or typ.lower() != "dpop+jwt":
@@ -194,8 +199,9 @@ def check_proof(proof_header: str | None, *, method: str, uri: str, access_token
     if not hmac.compare_digest(token_jkt.encode("ascii", "replace"), proof.jkt.encode()):
         raise Denied(reasons.BINDING_MISMATCH, "the access token is bound to another DPoP key")
     # §11.1: a jti seen before within the window is a replay
+    replay_key = hashlib.sha256(f"{proof.jkt}\0{claims['jti']}".encode()).hexdigest()
     try:
-        fresh = store.remember(f"dpop:jti:{proof.jkt}:{claims['jti']}", 2 * settings.iat_window)
+        fresh = store.remember(f"dpop:jti:{replay_key}", 2 * settings.iat_window)
     except StoreUnavailable as exc:
         raise Denied(reasons.STORE_UNAVAILABLE, str(exc)) from exc
     if not fresh:

@@ -165,7 +165,7 @@ class Service:
             decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document too large",
                                        _unreadable(now, peer))
             return JSONResponse(render(decision), status_code=413)
-        except (ValueError, RequestDocumentError) as exc:
+        except (ValueError, RecursionError, RequestDocumentError) as exc:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
             return JSONResponse(render(decision), status_code=400)
@@ -213,7 +213,10 @@ class Service:
         if tls is not None:
             options.update(uvicorn_ssl_options(tls), **tls_protocols())
             app = caller_gate(app, tls.allowed_callers)
-        return uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on", **options)
+        # proxy_headers off: trusted-proxy decisions are made on the transport peer, which an
+        # X-Forwarded-For header from a local caller must not be able to rewrite.
+        return uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on", proxy_headers=False,
+                              **options)
 
     async def introspection(self, request: Request) -> Response:
         """RFC 7662: authenticate the caller as an introspection client, then answer for the token."""

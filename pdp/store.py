@@ -9,6 +9,7 @@ raises ``StoreUnavailable``, which the pipeline turns into a deny.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from typing import Any, Protocol
@@ -24,29 +25,32 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """One process's store: a dict of expiry times, swept as it grows."""
+    """One process's store: expiry times by key, with a heap so expired keys leave as time passes."""
 
-    def __init__(self, max_entries: int = 1_000_000) -> None:
+    def __init__(self, max_entries: int = 250_000) -> None:
         self._seen: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._max = max_entries
 
     def remember(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
         with self._lock:
+            self._expire(now)
             expires = self._seen.get(key)
             if expires is not None and expires > now:
                 return False
             if len(self._seen) >= self._max:
-                self._sweep(now)
-                if len(self._seen) >= self._max:
-                    raise StoreUnavailable("the in-memory store is full")
+                raise StoreUnavailable("the in-memory store is full")
             self._seen[key] = now + ttl
+            heapq.heappush(self._expiries, (now + ttl, key))
             return True
 
-    def _sweep(self, now: float) -> None:
-        for k in [k for k, exp in self._seen.items() if exp <= now]:
-            del self._seen[k]
+    def _expire(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            expires, key = heapq.heappop(self._expiries)
+            if self._seen.get(key) == expires:
+                del self._seen[key]
 
 
 class RedisStore:

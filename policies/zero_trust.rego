@@ -13,7 +13,8 @@
 #   allowed_trust_domains  SPIFFE trust domains whose workloads may call at all ([] = any)
 #   require_bound_token    false accepts tokens without cnf.x5t#S256
 #   routes                 [{prefix, methods?, spiffe_ids?, scopes?}]: every route whose path
-#                          prefix (and method, if listed) matches applies; spiffe_ids entries are
+#                          prefix (whole segments: "/admin" covers "/admin" and "/admin/x")
+#                          and method (if listed) match applies; spiffe_ids entries are
 #                          exact IDs or prefixes ending in "/*"; every listed scope is required.
 #                          A request no route covers (say, an unlisted method) is denied.
 #
@@ -61,11 +62,16 @@ trust_domain_allowed if count(config.allowed_trust_domains) == 0
 trust_domain_allowed if input.cert.trust_domain in config.allowed_trust_domains
 
 # The routes that apply to this request (their rules are rules of every route, so all must hold).
+# A prefix matches on segment boundaries: "/admin" covers "/admin" and "/admin/x", not "/administrator".
 matching_routes := [route |
 	some route in config.routes
-	startswith(input.path, route.prefix)
+	under(trim_suffix(route.prefix, "/"))
 	input.attributes.request.http.method in object.get(route, "methods", [input.attributes.request.http.method])
 ]
+
+under(base) if input.path == base
+
+under(base) if startswith(input.path, concat("", [base, "/"]))
 
 spiffe_id_denied if {
 	some route in matching_routes

@@ -112,3 +112,14 @@ test_a_method_no_route_covers_is_denied if {
 	not r.allowed
 	r.reason == "policy_denied"
 }
+
+test_admin_without_trailing_slash_is_the_admin_route if {
+	r := data.pdp.authz.result with input as req("GET", "/admin", cert, token(["read", "admin"]), bound)
+	not r.allowed
+	r.reason == "spiffe_id_denied"
+}
+
+test_a_longer_segment_is_not_under_the_prefix if {
+	r := data.pdp.authz.result with input as req("GET", "/administrator", cert, token(["read"]), bound)
+	r.allowed
+}

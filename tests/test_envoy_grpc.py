@@ -85,7 +85,8 @@ def test_a_bound_token_on_its_certificate_is_ok_with_upstream_headers(envoy, pki
     added = headers_of(response.ok_response.headers)
     assert added["x-pdp-spiffe-id"] == "spiffe://example.org/demo/client"
     assert added["x-pdp-subject"] == "demo-user"
-    assert list(response.ok_response.headers_to_remove) == ["authorization"]
+    # authorization and dpop are pdp's to strip; no x-pdp-* header is left for the client to forge
+    assert list(response.ok_response.headers_to_remove) == ["authorization", "dpop"]
     assert all(o.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
                for o in response.ok_response.headers)
     meta = json_format.MessageToDict(response.dynamic_metadata)
@@ -216,7 +217,7 @@ def test_golden_allow(envoy, pki, issuer):
                 {"header": {"key": "x-pdp-client-id", "value": "demo-client"}, "appendAction": overwrite},
                 {"header": {"key": "x-pdp-decision-id", "value": "DECISION-ID"}, "appendAction": overwrite},
             ],
-            "headersToRemove": ["authorization"],
+            "headersToRemove": ["authorization", "dpop"],
         },
         "dynamicMetadata": {
             "decision_id": "DECISION-ID", "reason": "allowed", "spiffe_id": "spiffe://example.org/demo/client",

@@ -54,7 +54,7 @@ def test_envoy_http_service_allow_with_xfcc(serve, pki, issuer):
         "x-forwarded-client-cert": xfcc(pki.client.pem, pki.client.pem + pki.intermediate.pem, pki.client.der)})
     assert r.status_code == 200, r.text
     assert r.headers["x-pdp-spiffe-id"] == "spiffe://example.org/demo/client"
-    assert r.headers["x-envoy-auth-headers-to-remove"] == "authorization"
+    assert r.headers["x-envoy-auth-headers-to-remove"] == "authorization,dpop"
     assert r.headers["x-pdp-decision-id"]
 
 

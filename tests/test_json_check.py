@@ -148,7 +148,7 @@ def test_render_allowed_decision(make_pdp: Any, pki: Any, issuer: Any) -> None:
     assert out["allowed"] is True and out["status"] == 200 and out["reason"] == "allowed"
     assert out["decision_id"] == decision.decision_id
     assert out["headers"]["x-pdp-decision-id"] == decision.decision_id
-    assert out["headers_to_remove"] == ["authorization"]
+    assert out["headers_to_remove"] == ["authorization", "dpop"]
     assert out["explanation"] == decision.explanation()
     assert [s["step"] for s in out["explanation"]["steps"]] == ["identity", "credential", "binding", "policy",
                                                                 "decision"]

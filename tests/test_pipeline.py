@@ -155,7 +155,9 @@ def test_public_paths_need_no_credentials(make_pdp: Any, engine: str, path: str)
     assert decision.allowed
     assert decision.reason == "public_path"
     assert dict(decision.headers) == {"x-pdp-decision-id": decision.decision_id}
-    assert decision.headers_to_remove == ()
+    # pdp's identity headers it does not set are removed, so a client cannot forge them upstream
+    assert set(decision.headers_to_remove) == {"x-pdp-spiffe-id", "x-pdp-subject", "x-pdp-client-id",
+                                               "x-pdp-cert-thumbprint", "authorization", "dpop"}
 
 
 @pytest.mark.parametrize("method,scope", [("GET", "read"), ("HEAD", "read"), ("POST", "write"), ("DELETE", "write")])
@@ -376,11 +378,18 @@ def test_basic_authorization_is_no_token(make_pdp: Any, pki: Any, engine: str) -
     assert credential.ok and "not Bearer" in credential.detail
 
 
-def test_basic_authorization_is_kept_on_allow(make_pdp: Any, policy_dir: Any) -> None:
+def test_remove_authorization_strips_any_credential_on_allow(make_pdp: Any, policy_dir: Any) -> None:
     pdp = make_pdp(policy_paths=[policy_dir(ALLOW_ALL["allow_bool"])])
     decision = pdp.decide(request(authorization="Basic dXNlcjpwdw=="))
     assert decision.allowed
-    assert "authorization" not in decision.headers_to_remove  # not pdp's credential to strip
+    assert "authorization" in decision.headers_to_remove  # an unverified credential never goes upstream
+
+
+def test_basic_authorization_is_kept_when_removal_is_off(make_pdp: Any, policy_dir: Any) -> None:
+    pdp = make_pdp(policy_paths=[policy_dir(ALLOW_ALL["allow_bool"])],
+                   extra="[decision]\nremove_authorization = false\n")
+    decision = pdp.decide(request(authorization="Basic dXNlcjpwdw=="))
+    assert decision.allowed and "authorization" not in decision.headers_to_remove
 
 
 # -- policies that fail
@@ -465,7 +474,7 @@ def test_policy_headers_on_allow(make_pdp: Any, policy_dir: Any, pki: Any, issue
     assert decision.headers["x-tenant"] == "acme"
     assert decision.headers["x-pdp-spiffe-id"] == CLIENT_ID
     assert decision.headers["x-pdp-decision-id"] == decision.decision_id
-    assert decision.headers_to_remove == ("cookie", "authorization")
+    assert decision.headers_to_remove == ("cookie", "authorization", "dpop")
     assert dict(decision.response_headers) == {"x-served-by": "pdp"}
     assert decision.metadata["policy"] == {"tier": "gold"}
 

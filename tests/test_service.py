@@ -34,7 +34,7 @@ def test_check_allows_a_bound_token_on_its_certificate(write_setup, pki, issuer)
     assert body["status"] == 200
     assert body["headers"]["x-pdp-spiffe-id"] == "spiffe://example.org/demo/client"
     assert body["headers"]["x-pdp-decision-id"] == body["decision_id"]
-    assert body["headers_to_remove"] == ["authorization"]
+    assert body["headers_to_remove"] == ["authorization", "dpop"]
     assert [s["step"] for s in body["explanation"]["steps"]] == [
         "identity", "credential", "binding", "policy", "decision"]
 
