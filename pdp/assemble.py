@@ -53,7 +53,8 @@ def policy_files(config: Config) -> list[Path]:
 
 def load_trust(config: Config) -> list[TrustBundle]:
     return [load_trust_bundle(b.file, b.name, b.trust_domain, f"certificates.trust_bundles[{i}].file",
-                              b.intermediates, f"certificates.trust_bundles[{i}].intermediates")
+                              b.intermediates, f"certificates.trust_bundles[{i}].intermediates",
+                              b.crls, f"certificates.trust_bundles[{i}].crls", b.require_crl)
             for i, b in enumerate(config.certificates.trust_bundles)]
 
 

@@ -58,6 +58,8 @@ class TrustBundleConfig:
     file: Path
     trust_domain: str | None = None
     intermediates: Path | None = None
+    crls: tuple[Path, ...] = ()
+    require_crl: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,9 +336,14 @@ def _certificates(t: _Table, base: Path) -> CertificatesConfig:
             except SpiffeIdError as exc:
                 raise ConfigError(b.key("trust_domain"), f"not a SPIFFE trust domain: {exc}") from exc
         intermediates = b.text("intermediates")
+        crls = tuple(_path(base, c) for c in b.strings("crls"))
+        require_crl = b.flag("require_crl", False)
+        if require_crl and not crls:
+            raise ConfigError(b.key("crls"), "is required with require_crl = true")
         b.done()
         bundles.append(TrustBundleConfig(name=name, file=_path(base, file), trust_domain=domain,
-                                         intermediates=_path(base, intermediates) if intermediates else None))
+                                         intermediates=_path(base, intermediates) if intermediates else None,
+                                         crls=crls, require_crl=require_crl))
     cfg = CertificatesConfig(
         trust_bundles=tuple(bundles),
         max_chain_depth=t.integer("max_chain_depth", CertificatesConfig.max_chain_depth, minimum=1),

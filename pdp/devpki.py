@@ -127,6 +127,18 @@ def make_client(ca: Issued, *, spiffe_id: str | None = "spiffe://example.org/dem
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+def make_crl(ca: Issued, revoked: tuple[Issued, ...] = (), *, days: int = 7,
+             last_update: datetime | None = None) -> bytes:
+    """A PEM CRL signed by ``ca`` listing ``revoked``, valid for ``days`` from ``last_update``."""
+    start = last_update or _now() - timedelta(minutes=5)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject).last_update(start)
+               .next_update(start + timedelta(days=days)))
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.cert.serial_number).revocation_date(start).build())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 @dataclass(frozen=True)
 class TokenIssuer:
     """An OAuth authorization server's signing key, its JWKS and a minting function."""

@@ -49,6 +49,9 @@ CERT_MALFORMED = _r("cert_malformed", 403, description="the client certificate c
 CERT_UNTRUSTED = _r("cert_untrusted", 403, description="the client certificate is not trusted")
 CERT_EXPIRED = _r("cert_expired", 403, description="the client certificate has expired")
 CERT_NOT_YET_VALID = _r("cert_not_yet_valid", 403, description="the client certificate is not yet valid")
+CERT_REVOKED = _r("cert_revoked", 403, description="the client certificate is revoked")
+CERT_REVOCATION_UNKNOWN = _r("cert_revocation_unknown", 403,
+                             description="the client certificate's revocation status is unknown")
 CERT_SPIFFE_INVALID = _r("cert_spiffe_invalid", 403,
                          description="the client certificate has an invalid SPIFFE ID")
 

@@ -77,7 +77,7 @@ class Service:
         parts = [
             Watched("policy", lambda: policy_files(cfg), self._reload_policy),
             Watched("trust_bundles", lambda: [f for b in cfg.certificates.trust_bundles
-                                              for f in (b.file, b.intermediates) if f is not None],
+                                              for f in (b.file, b.intermediates, *b.crls) if f is not None],
                     lambda: self.pdp.certificates.replace_bundles(load_trust(cfg))),
         ]
         for i, iss in enumerate(cfg.tokens.issuers):

@@ -14,6 +14,7 @@ Verified chains are cached by the leaf's SHA-256, never past the earliest
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from pdp.cache import ExpiringCache
 from pdp.errors import Denied, LoadError
 from pdp.identity import CertIdentity, extract_identity, spiffe_of
 from pdp.pem import PemError, pem_to_der_chain
+from pdp.revocation import check_chain, load_crls
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class TrustBundle:
     roots: tuple[x509.Certificate, ...]
     trust_domain: str | None = None
     intermediates: tuple[x509.Certificate, ...] = ()
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    require_crl: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_store", Store(list(self.roots)))
@@ -70,10 +74,13 @@ def load_certificates(path: Path, key: str) -> tuple[x509.Certificate, ...]:
 
 
 def load_bundle(path: Path, name: str, trust_domain: str | None, key: str,
-                intermediates: Path | None = None, intermediates_key: str = "") -> TrustBundle:
-    """Load a PEM file of root certificates (and optionally one of intermediates)."""
-    return TrustBundle(name=name, roots=load_certificates(path, key), trust_domain=trust_domain,
-                       intermediates=load_certificates(intermediates, intermediates_key) if intermediates else ())
+                intermediates: Path | None = None, intermediates_key: str = "", crls: Sequence[Path] = (),
+                crls_key: str = "", require_crl: bool = False) -> TrustBundle:
+    """Load a PEM file of root certificates (and optionally intermediates and CRLs)."""
+    roots = load_certificates(path, key)
+    extra = load_certificates(intermediates, intermediates_key) if intermediates else ()
+    return TrustBundle(name=name, roots=roots, trust_domain=trust_domain, intermediates=extra,
+                       crls=load_crls(crls, [*roots, *extra], crls_key), require_crl=require_crl)
 
 
 # Web PKI rules for CAs; for the client leaf the same, except that a SAN is optional: many
@@ -141,8 +148,9 @@ class ChainVerifier:
                 continue
             except ValueError as exc:
                 raise Denied(reasons.CERT_MALFORMED, f"certificate could not be processed: {exc}") from exc
+            revocation_until = check_chain(verified.chain, bundle.crls, now, require=bundle.require_crl)
             identity = extract_identity(leaf, chain[0], verified.chain, bundle.name)
-            expires = min(c.not_valid_after_utc.timestamp() for c in verified.chain)
+            expires = min(min(c.not_valid_after_utc.timestamp() for c in verified.chain), revocation_until)
             return identity, expires
         raise Denied(reasons.CERT_UNTRUSTED, "; ".join(errors))
 
