@@ -51,10 +51,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_throughput(dev: Path, requests: int, workers: int) -> tuple[float, float]:
+def http_throughput(dev: Path, requests: int, workers: int, processes: int = 1) -> tuple[float, float]:
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "pdp"), "serve", "--config", str(dev / "pdp.toml"),
-                             "--http", f"127.0.0.1:{port}", "--grpc", "", "--log-level", "warning"],
+                             "--http", f"127.0.0.1:{port}", "--grpc", "", "--log-level", "warning",
+                             "--workers", str(processes)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -162,6 +163,9 @@ def main() -> None:
             (dev / "pdp.toml").write_text(text)
             rps, p99 = http_throughput(dev, args.http_requests, args.workers)
             print(f"HTTP /v1/check, one process, {engine}, {args.workers} clients: {rps:,.0f} req/s, p99 {p99:.1f} ms")
+        rps, p99 = http_throughput(dev, args.http_requests, args.workers, processes=2)
+        print(f"HTTP /v1/check, pdp serve --workers 2, regorus, {args.workers} clients: {rps:,.0f} req/s, "
+              f"p99 {p99:.1f} ms")
 
 
 if __name__ == "__main__":

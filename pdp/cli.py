@@ -6,12 +6,15 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pdp.decision_log import setup_logging
 from pdp.errors import ConfigError, PdpError
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
@@ -21,16 +24,6 @@ def _config(path: str | None) -> Any:
     from pdp.config import Config, load_config
 
     return load_config(Path(path)) if path else Config.defaults()
-
-
-def _setup_logging(level: str) -> None:
-    decisions = logging.getLogger("pdp.decisions")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    decisions.addHandler(handler)
-    decisions.propagate = False
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # -- serve
@@ -47,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for key, value in overrides.items():
             parse_listen(value, f"--{key}", allow_off=key == "grpc")
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
-    _setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or config.log.level)
     if args.config is None:
         logging.getLogger("pdp").warning(
             "no --config: serving the embedded defaults (the shipped zero-trust policy, no trust bundles, "
@@ -55,11 +48,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "working setup.")
     listen = config.server.http
     host, _, port = listen.rpartition(":")
-    service = Service(config)
     scheme = "https" if config.server.tls else "http"
+    if args.workers > 1:
+        return _serve_workers(args, config, host.strip("[]"), int(port), scheme)
+    service = Service(config)
     logging.getLogger("pdp").info("pdp listening on %s://%s (policy %s, engine %s)", scheme, listen,
                                   service.pdp.policy.version, config.policy.engine)
     uvicorn.Server(service.uvicorn_config(host.strip("[]"), int(port), log_level="warning")).run()
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, config: Any, host: str, port: int, scheme: str) -> int:
+    """N processes on one HTTP port (uvicorn's workers) and one gRPC port (SO_REUSEPORT), each with its own
+    Service: the GIL and regorus engines stay per process. Each has its own caches and metrics."""
+    import uvicorn
+
+    from pdp.service import WORKER_CONFIG_ENV, Service, uvicorn_options
+
+    Service(config).pdp.close()  # fail here, in the parent, on a config or policy that will not load
+    os.environ[WORKER_CONFIG_ENV] = json.dumps({
+        "config": str(Path(args.config).resolve()) if args.config else "",
+        "http": config.server.http, "grpc": config.server.grpc, "log_level": args.log_level or config.log.level})
+    logging.getLogger("pdp").info("pdp listening on %s://%s:%d with %d workers (engine %s)", scheme, host, port,
+                                  args.workers, config.policy.engine)
+    from uvicorn.supervisors import Multiprocess
+
+    server_config = uvicorn.Config("pdp.service:worker_app", factory=True, host=host, port=port,
+                                   workers=args.workers, log_level="warning", **uvicorn_options(config))
+    sock = server_config.bind_socket()
+    # Accepted connections inherit this: without it, a socket shared with worker processes answered
+    # each request 40 ms late (Nagle against the client's delayed ACK).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(server_config, sockets=[sock]).run()
     return 0
 
 
@@ -236,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", help="HOST:PORT to listen on (overrides server.http)")
     p.add_argument("--grpc", help="HOST:PORT for Envoy's gRPC ext_authz (overrides server.grpc; '' turns it off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=int, default=1, help="processes serving the same ports (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="decide on one request given as files; exit 0 allow, 1 deny, 2 error")

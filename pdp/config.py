@@ -40,6 +40,8 @@ class ServerConfig:
     #: Envoy ext_authz gRPC listener; "" turns it off.
     grpc: str = "127.0.0.1:9191"
     grpc_workers: int = 8
+    #: Set for the processes of ``pdp serve --workers N``, which share the gRPC port.
+    grpc_reuse_port: bool = False
     reload_interval: float = 2.0
     max_body_bytes: int = 1024 * 1024
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 from pdp.decision import Decision
@@ -58,3 +59,15 @@ class DecisionLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled and logger.isEnabledFor(logging.INFO):
             logger.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+def setup_logging(level: str) -> None:
+    """Decision lines (bare JSON) to standard output; everything else to standard error."""
+    decisions = logging.getLogger("pdp.decisions")
+    if not decisions.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        decisions.addHandler(handler)
+    decisions.propagate = False
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

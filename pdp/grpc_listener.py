@@ -49,9 +49,11 @@ class _GatedAuthorization(EnvoyAuthorization):
 
 class GrpcListener:
     def __init__(self, pdp: Callable[[], Pdp], address: str, *, workers: int = 8,
-                 tls: ListenerTls | None = None) -> None:
+                 tls: ListenerTls | None = None, reuse_port: bool = False) -> None:
+        # SO_REUSEPORT only where several pdp processes serve one port (pdp serve --workers N);
+        # elsewhere a second listener on a taken port must fail, not silently share it.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdp-grpc"),
-                                  options=[("grpc.so_reuseport", 0)])
+                                  options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
         servicer = _GatedAuthorization(pdp, tls.allowed_callers) if tls and tls.allowed_callers \
             else EnvoyAuthorization(pdp)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self.server)

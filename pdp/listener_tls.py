@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -89,17 +90,28 @@ def tls_protocol(base: type[Any]) -> type[Any]:
     return TlsExtensionProtocol
 
 
+def _module_level(cls: type[Any], name: str) -> type[Any]:
+    """Name a generated class after its module attribute, so it pickles by reference (uvicorn workers)."""
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = __name__
+    return cls
+
+
+TlsH11Protocol = _module_level(tls_protocol(H11Protocol), "TlsH11Protocol")
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+except ImportError:  # no websocket library installed: HTTP only
+    TlsWebSocketProtocol: type[Any] | None = None
+else:
+    TlsWebSocketProtocol = _module_level(tls_protocol(WebSocketsSansIOProtocol), "TlsWebSocketProtocol")
+
+
 def tls_protocols() -> dict[str, type[Any]]:
     """uvicorn ``http=`` and ``ws=`` protocol classes that publish the ASGI TLS extension (websockets
     only when a websocket library is installed: a handshake moves the connection to that protocol)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    protocols: dict[str, type[Any]] = {"http": tls_protocol(H11Protocol)}
-    try:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    except ImportError:
-        return protocols
-    protocols["ws"] = tls_protocol(WebSocketsSansIOProtocol)
+    protocols: dict[str, type[Any]] = {"http": TlsH11Protocol}
+    if TlsWebSocketProtocol is not None:
+        protocols["ws"] = TlsWebSocketProtocol
     return protocols
 
 

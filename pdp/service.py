@@ -10,8 +10,10 @@ waits on that work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 import urllib.parse
@@ -41,6 +43,7 @@ from pdp.assemble import (
 )
 from pdp.config import Config
 from pdp.decision import Decision
+from pdp.decision_log import setup_logging
 from pdp.errors import Denied, NeedsNetwork
 from pdp.grpc_listener import GrpcListener
 from pdp.identity import CertIdentity
@@ -115,7 +118,8 @@ class Service:
     def start(self) -> None:
         if self.config.server.grpc and self.grpc is None:
             self.grpc = GrpcListener(lambda: self.pdp, self.config.server.grpc,
-                                     workers=self.config.server.grpc_workers, tls=self.config.server.tls)
+                                     workers=self.config.server.grpc_workers, tls=self.config.server.tls,
+                                     reuse_port=self.config.server.grpc_reuse_port)
             self.grpc.start()
         self.reloader.start()
         if self.keys.remote() and self._refresher is None:
@@ -206,17 +210,14 @@ class Service:
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
+    def asgi_app(self) -> Any:
+        """The HTTP application as served: the routes, behind the caller gate when TLS names callers."""
+        tls = self.config.server.tls
+        return caller_gate(self.app(), tls.allowed_callers) if tls is not None else self.app()
+
     def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
         """The uvicorn settings for this service's HTTP listener (TLS, the TLS scope extension, the gate)."""
-        tls = self.config.server.tls
-        app: Any = self.app()
-        if tls is not None:
-            options.update(uvicorn_ssl_options(tls), **tls_protocols())
-            app = caller_gate(app, tls.allowed_callers)
-        # proxy_headers off: trusted-proxy decisions are made on the transport peer, which an
-        # X-Forwarded-For header from a local caller must not be able to rewrite.
-        return uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on", proxy_headers=False,
-                              **options)
+        return uvicorn.Config(self.asgi_app(), host=host, port=port, **uvicorn_options(self.config), **options)
 
     async def introspection(self, request: Request) -> Response:
         """RFC 7662: authenticate the caller as an introspection client, then answer for the token."""
@@ -297,6 +298,31 @@ class Service:
 
 def _listing(path: Path) -> Callable[[], list[Path]]:
     return lambda: [path]
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """uvicorn settings every pdp HTTP listener uses. proxy_headers is off: trusted-proxy decisions are
+    made on the transport peer, which an X-Forwarded-For header from a local caller must not rewrite."""
+    options: dict[str, Any] = {"access_log": False, "lifespan": "on", "proxy_headers": False}
+    if config.server.tls is not None:
+        options.update(uvicorn_ssl_options(config.server.tls), **tls_protocols())
+    return options
+
+
+WORKER_CONFIG_ENV = "PDP_WORKER_CONFIG"
+
+
+def worker_app() -> Any:
+    """The app of one ``pdp serve --workers N`` process: its own Service (and gRPC listener, sharing
+    the port with SO_REUSEPORT), built from the config the parent handed over in the environment."""
+    from pdp.config import Config as ConfigType
+    from pdp.config import load_config
+
+    spec = json.loads(os.environ[WORKER_CONFIG_ENV])
+    setup_logging(spec["log_level"])
+    config = load_config(Path(spec["config"])) if spec["config"] else ConfigType.defaults()
+    server = dataclasses.replace(config.server, http=spec["http"], grpc=spec["grpc"], grpc_reuse_port=True)
+    return Service(dataclasses.replace(config, server=server)).asgi_app()
 
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]

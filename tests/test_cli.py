@@ -179,3 +179,27 @@ def test_serve_with_a_bad_config_names_the_key_and_exits_2(tmp_path):
     result = pdp("serve", "--config", str(bad), timeout=60)
     assert result.returncode == 2
     assert "tokens.issuers[0].algorithms" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_two_workers_answers_on_both_listeners(dev):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    http_port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen([PDP, "serve", "--config", str(dev / "pdp.toml"), "--workers", "2",
+                             "--http", f"127.0.0.1:{http_port}", "--grpc", f"127.0.0.1:{grpc_port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{http_port}/healthz", timeout=60)
+        answers = [httpx.post(f"http://127.0.0.1:{http_port}/v1/check",
+                              json={"method": "GET", "path": "/healthz"}).json()["allowed"] for _ in range(6)]
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert answers == [True] * 6
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert err.decode().count("gRPC ext_authz listening") == 2  # one listener per worker, one port
+    assert len([line for line in out.decode().splitlines() if '"decision_id"' in line]) == 6
