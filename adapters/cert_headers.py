@@ -34,6 +34,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from pdp.listener_tls import identity_key
 from pdp.pem import PemError, pem_to_der_chain
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -274,7 +275,7 @@ class CertificateHeaders:
         self.format = fmt
         self.header = (header or default_name).lower()
         proxies = list(trusted_proxies)
-        self.identities = frozenset(p.lower() for p in proxies if _is_identity(p))
+        self.identities = frozenset(identity_key(p) for p in proxies if _is_identity(p))
         self.trusted = parse_networks(p for p in proxies if not _is_identity(p))
         if fmt == "xfcc":
             self._parse: HeaderParser = _single(lambda v: xfcc_chain(v, xfcc_element))

@@ -4,8 +4,10 @@ Any method, any path under a configured prefix. Envoy keeps the original
 method and appends the original path to the prefix; nginx and Traefik send
 the original request in ``X-Original-URI`` / ``X-Original-Method`` and
 ``X-Forwarded-Method`` / ``X-Forwarded-Uri`` / ``X-Forwarded-Host`` /
-``X-Forwarded-Proto``. Those headers, like certificate headers, are read only
-from a trusted proxy.
+``X-Forwarded-Proto``. Only the configured gateway's family is read
+(``gateway.forwarded_request``), and like certificate headers only from a
+trusted proxy: nginx passes client headers through, so a client's own
+``X-Forwarded-Uri`` must mean nothing behind nginx.
 
 The answer: 200 to allow, with the upstream headers as response headers (the
 proxy copies them upstream) and ``x-envoy-auth-headers-to-remove`` naming the
@@ -28,9 +30,18 @@ from pdp.request import CheckRequest
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
+#: The original-request headers each gateway sets (overwriting any a client sent); only the configured
+#: gateway's family is read, so a client cannot smuggle the other family past it.
+FORWARDED = {
+    "nginx": ("x-original-method", "x-original-uri", None, None),
+    "traefik": ("x-forwarded-method", "x-forwarded-uri", "x-forwarded-host", "x-forwarded-proto"),
+}
+
+
 def to_check_request(*, method: str, path: str, query: str, headers: Mapping[str, str], peer: str,
                      prefix: str, certificates: CertificateHeaders | None, trusted: bool, now: float,
-                     caller_names: frozenset[str] = frozenset()) -> tuple[CheckRequest, bool]:
+                     caller_names: frozenset[str] = frozenset(),
+                     forwarded: str = "envoy") -> tuple[CheckRequest, bool]:
     """The original request behind an auth sub-request; also whether a certificate header was ignored."""
     original_path = path[len(prefix):] if path.startswith(prefix) else path
     original_path = original_path or "/"
@@ -38,11 +49,13 @@ def to_check_request(*, method: str, path: str, query: str, headers: Mapping[str
         original_path = f"{original_path}?{query}"
     host = headers.get("host", "")
     scheme = "https"
-    if trusted:
-        method = headers.get("x-forwarded-method") or headers.get("x-original-method") or method
-        original_path = headers.get("x-forwarded-uri") or headers.get("x-original-uri") or original_path
-        host = headers.get("x-forwarded-host") or host
-        scheme = headers.get("x-forwarded-proto") or scheme
+    family = FORWARDED.get(forwarded)
+    if trusted and family is not None:
+        method_h, uri_h, host_h, proto_h = family
+        method = headers.get(method_h) or method
+        original_path = headers.get(uri_h) or original_path
+        host = headers.get(host_h, host) if host_h else host
+        scheme = headers.get(proto_h, scheme) if proto_h else scheme
     chain: tuple[bytes, ...] = ()
     cert_error: str | None = None
     ignored = False

@@ -64,8 +64,13 @@ def basic_client(authorization: str | None, clients: Mapping[str, IntrospectionC
     return client
 
 
-def certificate_client(identity: CertIdentity, clients: Mapping[str, IntrospectionClient]) -> IntrospectionClient:
-    """The client whose registered ``tls_client_auth`` name the (verified) certificate carries."""
+def certificate_client(identity: CertIdentity, clients: Mapping[str, IntrospectionClient], *,
+                       pinned: bool = False) -> IntrospectionClient:
+    """The client whose registered ``tls_client_auth`` name the (verified) certificate carries.
+
+    ``pinned``: the certificate was vouched for by a bundle pinned to one SPIFFE trust domain. Such a
+    CA is trusted for SPIFFE IDs in its domain only, so only a ``tls_client_auth_san_uri`` equal to
+    the certificate's SPIFFE ID can name a client (its DNS names or subject could be anyone's)."""
     values = {
         "tls_client_auth_subject_dn": {identity.subject},
         "tls_client_auth_san_dns": set(identity.dns),
@@ -73,6 +78,10 @@ def certificate_client(identity: CertIdentity, clients: Mapping[str, Introspecti
         "tls_client_auth_san_ip": set(identity.ips),
         "tls_client_auth_san_email": set(identity.emails),
     }
+    if pinned:
+        values = {name: set() for name in values}
+        if identity.spiffe_id:
+            values["tls_client_auth_san_uri"] = {identity.spiffe_id}
     for client in clients.values():
         if client.tls_client_auth and client.tls_client_auth[1] in values[client.tls_client_auth[0]]:
             return client

@@ -114,6 +114,9 @@ class GatewayConfig:
     """The HTTP ext_authz endpoint and the proxies whose certificate headers are believed."""
 
     ext_authz_prefix: str = "/ext_authz"
+    #: Whose original-request headers to read on the HTTP ext_authz endpoint: "envoy" (none: Envoy keeps
+    #: the method and appends the path), "nginx" (X-Original-URI/-Method) or "traefik" (X-Forwarded-*).
+    forwarded_request: str = "envoy"
     trusted_proxies: tuple[str, ...] = ()
     cert_header: str = ""
     cert_header_name: str = ""
@@ -489,6 +492,9 @@ def _gateway(t: _Table) -> GatewayConfig:
     prefix = t.text("ext_authz_prefix", d.ext_authz_prefix) or d.ext_authz_prefix
     if not prefix.startswith("/") or prefix.endswith("/") or prefix in ("/v1", "/healthz", "/readyz", "/metrics"):
         raise ConfigError(t.key("ext_authz_prefix"), "must be a path like /ext_authz (no trailing slash)")
+    forwarded = t.text("forwarded_request", d.forwarded_request) or d.forwarded_request
+    if forwarded not in ("envoy", "nginx", "traefik"):
+        raise ConfigError(t.key("forwarded_request"), "must be envoy, nginx or traefik")
     proxies = t.strings("trusted_proxies")
     try:
         parse_networks(p for p in proxies if not p.lower().startswith(("spiffe://", "dns:")))
@@ -503,7 +509,8 @@ def _gateway(t: _Table) -> GatewayConfig:
     element = t.text("xfcc_element", "last") or "last"
     if element not in ("last", "first"):
         raise ConfigError(t.key("xfcc_element"), "must be last or first")
-    cfg = GatewayConfig(ext_authz_prefix=prefix, trusted_proxies=proxies, cert_header=fmt,
+    cfg = GatewayConfig(ext_authz_prefix=prefix, forwarded_request=forwarded, trusted_proxies=proxies,
+                        cert_header=fmt,
                         cert_header_name=(t.text("cert_header_name", "") or "").lower(), xfcc_element=element)
     t.done()
     return cfg
@@ -522,6 +529,7 @@ def _dpop(t: _Table) -> DpopSettings:
         iat_window=t.number("iat_window", d.iat_window, minimum=1),
         require_nonce=require_nonce,
         nonce_lifetime=t.number("nonce_lifetime", d.nonce_lifetime, minimum=10),
+        max_proofs_per_key=t.integer("max_proofs_per_key", d.max_proofs_per_key, minimum=1),
         nonce_secret=secret.encode() if secret else d.nonce_secret,
     )
     if secret is not None and len(secret) < 32:

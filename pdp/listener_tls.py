@@ -50,13 +50,18 @@ def caller_identities(cert: x509.Certificate) -> frozenset[str]:
 
 
 def caller_names(cert_der: bytes | None) -> frozenset[str]:
-    """``caller_identities`` of a DER certificate, lower-cased; empty when there is none or it is unreadable."""
+    """``caller_identities`` of a DER certificate; empty when there is none or it is unreadable."""
     if not cert_der:
         return frozenset()
     try:
-        return frozenset(n.lower() for n in caller_identities(x509.load_der_x509_certificate(cert_der)))
+        return caller_identities(x509.load_der_x509_certificate(cert_der))
     except ValueError:
         return frozenset()
+
+
+def identity_key(name: str) -> str:
+    """How an allowlist entry compares: DNS names case-insensitively, URIs (SPIFFE IDs) exactly."""
+    return name.lower() if name[:4].lower() == "dns:" else name
 
 
 def caller_allowed(allowed: tuple[str, ...], cert_der: bytes | None) -> bool:
@@ -64,7 +69,7 @@ def caller_allowed(allowed: tuple[str, ...], cert_der: bytes | None) -> bool:
     if not allowed:
         return True
     names = caller_names(cert_der)
-    return any(a.lower() in names for a in allowed)
+    return any(identity_key(a) in names for a in allowed)
 
 
 def uvicorn_ssl_options(tls: ListenerTls) -> dict[str, Any]:

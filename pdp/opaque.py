@@ -93,8 +93,9 @@ class OpaqueVerifier:
         token_type = answer.get("token_type")
         if token_type is not None and str(token_type).lower() not in _ACCESS_TOKEN_TYPES:
             raise Denied(reasons.TOKEN_TYPE_INVALID, f"token_type {token_type!r} is not an access token")
-        rfc9068.check_claims(answer, required=("exp",), audiences=issuer.audiences if "aud" in answer
-                             else frozenset(), now=now, leeway=self._leeway)
+        # aud is required: without it a token issued for another resource server would pass here.
+        rfc9068.check_claims(answer, required=("exp", "aud"), audiences=issuer.audiences, now=now,
+                             leeway=self._leeway)
         answer.pop("active", None)
         answer.setdefault("iss", issuer.issuer)
         return answer

@@ -41,6 +41,8 @@ from pdp.trust import ChainVerifier
 
 log = logging.getLogger("pdp")
 
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                   r"[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _CREDENTIAL = re.compile(r"(?:Bearer|DPoP) +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
 # A path the upstream may read differently from the policy: dot segments, empty segments,
 # backslashes, control characters, ';' path parameters (some servers strip them: '/admin;/x'),
@@ -176,6 +178,9 @@ class Pdp:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"path of {len(request.path)} bytes")
         if not request.method or not request.path.startswith("/"):
             raise Denied(reasons.REQUEST_INVALID, "method or path missing")
+        if request.host and _HOST.fullmatch(request.host) is None:
+            # The host names the target URI (DPoP htu is rebuilt from it): only a host and a port.
+            raise Denied(reasons.REQUEST_INVALID, "the host is not a host name, address or port")
         if "#" in request.path:
             raise Denied(reasons.REQUEST_INVALID, "a request target has no fragment")
         path = request.path.split("?", 1)[0]
@@ -332,8 +337,9 @@ class Pdp:
 
 
 def _header_value(value: str) -> str:
-    """A value every HTTP stack can carry: non-ASCII text (a 'sub' of 'Łukasz') is percent-encoded as UTF-8."""
-    if value.isascii():
+    """A value every HTTP stack can carry: non-ASCII text (a 'sub' of 'Łukasz') and control characters
+    (a CR/LF that would split the header) are percent-encoded, as UTF-8."""
+    if value.isascii() and value.isprintable():
         return value
     return urllib.parse.quote(value, safe="".join(chr(c) for c in range(0x20, 0x7f)))
 

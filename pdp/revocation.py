@@ -45,6 +45,15 @@ def load_crls(paths: Iterable[Path], signers: Sequence[x509.Certificate], key: s
         except ValueError as exc:
             raise LoadError(key, f"{str(path)!r} is not a CRL: {exc}") from exc
         for crl in found:
+            for ext in (x509.DeltaCRLIndicator, x509.IssuingDistributionPoint):
+                try:
+                    crl.extensions.get_extension_for_class(ext)
+                except x509.ExtensionNotFound:
+                    continue
+                # A delta or partitioned CRL covers only part of the revocations: used alone, or
+                # preferred for being newer, it would hide the rest. Only complete CRLs are accepted.
+                raise LoadError(key, f"{str(path)!r}: delta and partitioned CRLs ({ext.__name__}) are not "
+                                     "supported; give the complete CRL")
             # A CRL of a bundle CA must carry that CA's signature. A CRL of an intermediate the bundle
             # does not hold is checked against the intermediate a client presents, when it presents it.
             named = [s for s in signers if s.subject == crl.issuer]

@@ -45,6 +45,8 @@ class DpopSettings:
     iat_window: float = 60.0
     require_nonce: bool = False
     nonce_lifetime: float = 300.0
+    #: Proofs one DPoP key may present within two iat windows (the replay store's memory per key).
+    max_proofs_per_key: int = 6000
     nonce_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False, compare=False)
 
     @property
@@ -102,7 +104,7 @@ class NonceIssuer:
 
     def valid(self, nonce: str, now: float) -> bool:
         bucket_text, _, mac = nonce.partition(".")
-        if not bucket_text.isdigit():
+        if not (bucket_text.isascii() and bucket_text.isdigit()):
             return False
         bucket = int(bucket_text)
         current = int(now // self._lifetime)
@@ -198,9 +200,12 @@ def check_proof(proof_header: str | None, *, method: str, uri: str, access_token
         raise Denied(reasons.TOKEN_UNBOUND, "a token presented with DPoP must be DPoP-bound (cnf.jkt)")
     if not hmac.compare_digest(token_jkt.encode("ascii", "replace"), proof.jkt.encode()):
         raise Denied(reasons.BINDING_MISMATCH, "the access token is bound to another DPoP key")
-    # §11.1: a jti seen before within the window is a replay
+    # §11.1: a jti seen before within the window is a replay. Each key may record only so many proofs
+    # per window, so that one client cannot fill the replay store and lock every other client out.
     replay_key = hashlib.sha256(f"{proof.jkt}\0{claims['jti']}".encode()).hexdigest()
     try:
+        if store.count(f"dpop:n:{proof.jkt}", 2 * settings.iat_window) > settings.max_proofs_per_key:
+            raise _invalid("too many DPoP proofs for this key within the window")
         fresh = store.remember(f"dpop:jti:{replay_key}", 2 * settings.iat_window)
     except StoreUnavailable as exc:
         raise Denied(reasons.STORE_UNAVAILABLE, str(exc)) from exc

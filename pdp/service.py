@@ -192,7 +192,7 @@ class Service:
             method=request.method, path=request.url.path, query=request.url.query, headers=headers, peer=peer,
             prefix=self.config.gateway.ext_authz_prefix, certificates=self.cert_headers,
             trusted=self.cert_headers.trusts(peer, names) if self.cert_headers else False, now=time.time(),
-            caller_names=names)
+            caller_names=names, forwarded=self.config.gateway.forwarded_request)
         if ignored:
             self.metrics.untrusted_cert_headers.inc()
             log.warning("ignored a %s header from %s, which is not a trusted proxy",
@@ -229,7 +229,9 @@ class Service:
                 identity = await run_in_threadpool(self._caller_identity, request, now)
                 if identity is None:
                     raise introspection.ClientAuthError("no client authentication")
-                client = introspection.certificate_client(identity, clients)
+                pinned = any(b.name == identity.trust_bundle and b.trust_domain
+                             for b in self.pdp.certificates.bundles)
+                client = introspection.certificate_client(identity, clients, pinned=pinned)
         except introspection.ClientAuthError as exc:
             log.info("introspection refused: %s", exc)
             return JSONResponse({"error": "invalid_client"}, status_code=401,

@@ -23,12 +23,16 @@ class Store(Protocol):
     def remember(self, key: str, ttl: float) -> bool:
         """Record ``key`` for ``ttl`` seconds; False when it was already recorded (a replay)."""
 
+    def count(self, key: str, ttl: float) -> int:
+        """Add one to the counter ``key`` (created with a ``ttl``-second life) and return its value."""
+
 
 class MemoryStore:
     """One process's store: expiry times by key, with a heap so expired keys leave as time passes."""
 
     def __init__(self, max_entries: int = 250_000) -> None:
         self._seen: dict[str, float] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
         self._expiries: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._max = max_entries
@@ -46,10 +50,23 @@ class MemoryStore:
             heapq.heappush(self._expiries, (now + ttl, key))
             return True
 
+    def count(self, key: str, ttl: float) -> int:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            value, expires = self._counters.get(key, (0, now + ttl))
+            if expires == now + ttl:
+                heapq.heappush(self._expiries, (expires, "\0" + key))
+            self._counters[key] = (value + 1, expires)
+            return value + 1
+
     def _expire(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
             expires, key = heapq.heappop(self._expiries)
-            if self._seen.get(key) == expires:
+            if key.startswith("\0"):
+                if self._counters.get(key[1:], (0, None))[1] == expires:
+                    del self._counters[key[1:]]
+            elif self._seen.get(key) == expires:
                 del self._seen[key]
 
 
@@ -66,5 +83,15 @@ class RedisStore:
     def remember(self, key: str, ttl: float) -> bool:
         try:
             return bool(self._redis.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000))))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def count(self, key: str, ttl: float) -> int:
+        try:
+            pipe = self._redis.pipeline()
+            pipe.incr(self.prefix + key)
+            pipe.pexpire(self.prefix + key, max(1, int(ttl * 1000)), nx=True)
+            value, _ = pipe.execute()
+            return int(value)
         except self._error as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc

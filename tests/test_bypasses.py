@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 import urllib.parse
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -138,3 +139,103 @@ def test_tokens_of_another_issuer_with_a_colliding_kid_stay_refused(make_pdp, pk
     rogue = TokenIssuer.generate("https://issuer.test", kid="k1")  # same iss and kid, another key
     decision = make_pdp().decide(check_request(chain=pki.chain(), token=bound_token(rogue, pki.client)))
     assert (decision.allowed, decision.reason) == (False, "token_signature_invalid")
+
+
+# -- found by a second review
+
+def test_a_host_that_smuggles_a_path_cannot_satisfy_a_dpop_proof_for_another_uri(make_pdp, pki, issuer):
+    key = DpopKey.generate()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    proof = key.proof("GET", "https://api.test/orders", token)
+    for host in ("api.test/orders?", "api.test/orders#", "api.test:443/orders", "api test", "a@b"):
+        request = check_request(chain=pki.chain(), path="/accounts/7",
+                                headers={"authorization": f"DPoP {token}", "dpop": proof})
+        request = type(request)(**{**{f: getattr(request, f) for f in request.__slots__}, "host": host})
+        decision = make_pdp().decide(request)
+        assert (decision.allowed, decision.reason) == (False, "request_invalid"), host
+
+
+def test_delta_and_partitioned_crls_are_refused_at_load(tmp_path, pki):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from pdp.errors import LoadError
+    from pdp.trust import load_bundle
+
+    now = datetime.now(UTC)
+    for ext in (x509.DeltaCRLIndicator(1), x509.IssuingDistributionPoint(
+            full_name=None, relative_name=None, only_contains_user_certs=False, only_contains_ca_certs=True,
+            only_some_reasons=None, indirect_crl=False, only_contains_attribute_certs=False)):
+        crl = (x509.CertificateRevocationListBuilder().issuer_name(pki.root.cert.subject).last_update(now)
+               .next_update(now + timedelta(days=1)).add_extension(ext, critical=True)
+               .sign(pki.root.key, hashes.SHA256()))
+        (tmp_path / "x.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "root.pem").write_bytes(pki.root.pem)
+        with pytest.raises(LoadError, match="delta and partitioned"):
+            load_bundle(tmp_path / "root.pem", "b", None, "k", crls=[tmp_path / "x.crl"], crls_key="crls")
+
+
+def test_a_partner_domain_ca_cannot_log_in_to_introspection_by_dns_name(pki):
+    from pdp.adapters.introspection import ClientAuthError, IntrospectionClient, certificate_client
+
+    from pdp.devpki import make_ca, make_client
+    from pdp.trust import ChainVerifier, TrustBundle
+
+    partner = make_ca("partner CA")
+    cert = make_client(partner, spiffe_id="spiffe://partner.org/x", dns=("billing.example.org",))
+    identity = ChainVerifier([TrustBundle("partner", (partner.cert,), trust_domain="partner.org")]).verify(
+        (cert.der,), time.time())
+    clients = {"billing": IntrospectionClient("billing", tls_client_auth=("tls_client_auth_san_dns",
+                                                                         "billing.example.org"))}
+    with pytest.raises(ClientAuthError):
+        certificate_client(identity, clients, pinned=True)
+    assert certificate_client(identity, clients, pinned=False).client_id == "billing"
+
+
+def test_crlf_in_a_verified_subject_cannot_split_an_upstream_header(make_pdp, pki, issuer):
+    token = bound_token(issuer, pki.client, subject="alice\r\nx-pdp-spiffe-id: spiffe://example.org/admin/ops")
+    decision = make_pdp().decide(check_request(chain=pki.chain(), token=token))
+    assert decision.allowed
+    assert "\r" not in decision.headers["x-pdp-subject"] and "\n" not in decision.headers["x-pdp-subject"]
+    assert decision.headers["x-pdp-spiffe-id"] == "spiffe://example.org/demo/client"
+
+
+def test_one_dpop_key_cannot_fill_the_replay_store_for_everyone(make_pdp, pki, issuer):
+    pdp = make_pdp(extra="[dpop]\nmax_proofs_per_key = 2\n")
+    flooder, other = DpopKey.generate(), DpopKey.generate()
+
+    def ask(key):
+        token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+        return pdp.decide(check_request(chain=pki.chain(), headers={
+            "authorization": f"DPoP {token}", "dpop": key.proof("GET", "https://api.test/orders", token)}))
+
+    assert ask(flooder).allowed and ask(flooder).allowed
+    assert ask(flooder).reason == "dpop_proof_invalid"
+    assert ask(other).allowed
+
+
+def test_allowlisted_spiffe_ids_compare_exactly(pki):
+    from pdp.devpki import make_client
+    from pdp.listener_tls import caller_allowed
+
+    upper = make_client(pki.intermediate, spiffe_id="spiffe://example.org/GATEWAY")
+    assert not caller_allowed(("spiffe://example.org/gateway",), upper.der)
+    dns = make_client(pki.intermediate, spiffe_id=None, dns=("Nginx.Example.org",))
+    assert caller_allowed(("dns:nginx.example.org",), dns.der)
+
+
+def test_a_unicode_digit_in_a_nonce_is_just_an_invalid_nonce():
+    from pdp.rfc9449 import NonceIssuer
+
+    assert NonceIssuer(b"k" * 32, 300).valid("\u00b2.x", time.time()) is False
+
+
+def test_an_introspection_answer_without_aud_is_refused():
+    from pdp.errors import Denied
+    from pdp.opaque import OpaqueIssuer, OpaqueVerifier
+
+    answer = {"active": True, "exp": time.time() + 60, "iss": "https://as.test", "scope": "read"}
+    verifier = OpaqueVerifier([OpaqueIssuer("https://as.test", frozenset({AUDIENCE}), lambda token: answer)])
+    with pytest.raises(Denied) as err:
+        verifier.verify("opaque", b"d", time.time(), True)
+    assert err.value.reason.code == "token_claims_invalid"

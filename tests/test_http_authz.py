@@ -27,8 +27,9 @@ def xfcc(leaf_pem: bytes, chain_pem: bytes, der: bytes) -> str:
             f'Chain="{chain}";Subject="CN=demo client,O=pdp dev";URI=spiffe://example.org/demo/client')
 
 
-def gateway_toml(fmt: str, trusted: str = "127.0.0.1/32") -> str:
-    return f'[gateway]\ntrusted_proxies = ["{trusted}"]\ncert_header = "{fmt}"\n'
+def gateway_toml(fmt: str, trusted: str = "127.0.0.1/32", forwarded: str = "envoy") -> str:
+    return (f'[gateway]\ntrusted_proxies = ["{trusted}"]\ncert_header = "{fmt}"\n'
+            f'forwarded_request = "{forwarded}"\n')
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def test_a_malformed_certificate_header_from_a_trusted_proxy_is_denied(serve, pk
 
 
 def test_nginx_auth_request(serve, pki, issuer):
-    url, _ = serve(gateway_toml("nginx"))
+    url, _ = serve(gateway_toml("nginx", forwarded="nginx"))
     token = bound_token(issuer, pki.client, scope="read")
     escaped = urllib.parse.quote((pki.client.pem + pki.intermediate.pem).decode(), safe="")
     r = httpx.get(f"{url}/ext_authz", headers={
@@ -118,7 +119,7 @@ def test_nginx_auth_request(serve, pki, issuer):
 
 
 def test_traefik_forward_auth(serve, pki, issuer):
-    url, _ = serve(gateway_toml("traefik"))
+    url, _ = serve(gateway_toml("traefik", forwarded="traefik"))
     token = bound_token(issuer, pki.client, scope="read")
     bodies = ",".join("".join(p.decode().splitlines()[1:-1]) for p in (pki.client.pem, pki.intermediate.pem))
     r = httpx.get(f"{url}/ext_authz", headers={
@@ -174,3 +175,21 @@ def test_the_body_never_carries_credentials(serve, pki, issuer):
     r = httpx.get(f"{url}/ext_authz/orders", headers={"authorization": f"Bearer {token}x"})
     body = json.loads(r.text)
     assert set(body) == {"reason", "decision_id"}
+
+
+def test_behind_nginx_a_clients_own_x_forwarded_uri_means_nothing(serve):
+    """nginx passes client headers through to auth_request: only X-Original-* (which nginx sets) count."""
+    url, _ = serve(gateway_toml("nginx", forwarded="nginx"))
+    r = httpx.get(f"{url}/ext_authz", headers={"x-original-uri": "/admin/users", "x-original-method": "DELETE",
+                                              "x-forwarded-uri": "/public/x", "x-forwarded-method": "GET"})
+    assert r.status_code == 403 and r.json()["reason"] == "cert_required"
+
+
+def test_behind_traefik_the_forwarded_uri_is_the_request_judged(serve, pki, issuer):
+    url, _ = serve(gateway_toml("traefik", forwarded="traefik"))
+    bodies = ",".join("".join(p.decode().splitlines()[1:-1]) for p in (pki.client.pem, pki.intermediate.pem))
+    r = httpx.get(f"{url}/ext_authz", headers={
+        "authorization": f"Bearer {bound_token(issuer, pki.client, scope='read admin')}",
+        "x-forwarded-tls-client-cert": urllib.parse.quote(bodies, safe=""),
+        "x-forwarded-method": "GET", "x-forwarded-uri": "/admin/users"})
+    assert r.status_code == 403 and r.json()["reason"] == "spiffe_id_denied"
