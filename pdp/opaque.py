@@ -16,6 +16,7 @@ TTL), negative ones briefly; a cache miss on the event-loop path raises
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,13 @@ class _Inactive:
 
 
 class OpaqueVerifier:
-    def __init__(self, issuers: list[OpaqueIssuer], *, leeway: float = 30.0, cache_size: int = 10_000) -> None:
+    def __init__(self, issuers: list[OpaqueIssuer], *, leeway: float = 30.0, cache_size: int = 10_000,
+                 max_concurrent_calls: int = 8) -> None:
         self.issuers = issuers
         self._leeway = leeway
+        # Random tokens each cost a call: past this many at once, answer at once instead of queueing
+        # every worker thread behind a slow authorization server.
+        self._calls = threading.BoundedSemaphore(max_concurrent_calls)
         self._cache: ExpiringCache[tuple[str, bytes], dict[str, Any] | _Inactive] = ExpiringCache(cache_size)
 
     def __bool__(self) -> bool:
@@ -64,6 +69,8 @@ class OpaqueVerifier:
             if answer is None:
                 if not network:
                     raise NeedsNetwork(issuer.issuer)
+                if not self._calls.acquire(blocking=False):
+                    raise Denied(reasons.INTROSPECTION_UNAVAILABLE, "too many introspection calls at once")
                 try:
                     answer = self._ask(issuer, token, now)
                 except Denied:
@@ -72,6 +79,8 @@ class OpaqueVerifier:
                     log.warning("introspection at %s failed: %s", issuer.issuer, exc)
                     unavailable.append(issuer.issuer)
                     continue
+                finally:
+                    self._calls.release()
                 expires = now + issuer.negative_ttl if isinstance(answer, _Inactive) else min(
                     float(answer["exp"]), now + issuer.cache_ttl)
                 self._cache.put(key, answer, expires)

@@ -239,3 +239,27 @@ def test_an_introspection_answer_without_aud_is_refused():
     with pytest.raises(Denied) as err:
         verifier.verify("opaque", b"d", time.time(), True)
     assert err.value.reason.code == "token_claims_invalid"
+
+
+def test_a_flood_of_random_opaque_tokens_cannot_tie_up_every_worker():
+    import threading
+
+    from pdp.errors import Denied
+    from pdp.opaque import OpaqueIssuer, OpaqueVerifier
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(token):
+        entered.set()
+        release.wait(10)
+        return {"active": False}
+
+    verifier = OpaqueVerifier([OpaqueIssuer("https://as.test", frozenset({AUDIENCE}), slow)], max_concurrent_calls=1)
+    first = threading.Thread(target=lambda: pytest.raises(Denied, verifier.verify, "t1", b"1", time.time(), True))
+    first.start()
+    assert entered.wait(10)
+    with pytest.raises(Denied) as err:
+        verifier.verify("t2", b"2", time.time(), True)
+    assert err.value.reason.code == "introspection_unavailable"
+    release.set()
+    first.join(10)
