@@ -254,7 +254,8 @@ def test_a_flood_of_random_opaque_tokens_cannot_tie_up_every_worker():
         release.wait(10)
         return {"active": False}
 
-    verifier = OpaqueVerifier([OpaqueIssuer("https://as.test", frozenset({AUDIENCE}), slow)], max_concurrent_calls=1)
+    verifier = OpaqueVerifier([OpaqueIssuer("https://as.test", frozenset({AUDIENCE}), slow)],
+                              max_concurrent_calls=1)
     first = threading.Thread(target=lambda: pytest.raises(Denied, verifier.verify, "t1", b"1", time.time(), True))
     first.start()
     assert entered.wait(10)
