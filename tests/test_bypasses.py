@@ -256,7 +256,11 @@ def test_a_flood_of_random_opaque_tokens_cannot_tie_up_every_worker():
 
     verifier = OpaqueVerifier([OpaqueIssuer("https://as.test", frozenset({AUDIENCE}), slow)],
                               max_concurrent_calls=1)
-    first = threading.Thread(target=lambda: pytest.raises(Denied, verifier.verify, "t1", b"1", time.time(), True))
+    def ask_first() -> None:
+        with pytest.raises(Denied):
+            verifier.verify("t1", b"1", time.time(), True)
+
+    first = threading.Thread(target=ask_first)
     first.start()
     assert entered.wait(10)
     with pytest.raises(Denied) as err:
