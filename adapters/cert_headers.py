@@ -145,10 +145,15 @@ def _pem(text: str, what: str) -> tuple[bytes, ...]:
         raise CertHeaderError(f"{what}: {exc}") from exc
 
 
-def xfcc_chain(value: str, element: str = "last") -> tuple[bytes, ...]:
-    """The chain of the chosen XFCC element (``last``: the one the trusted hop appended; or ``first``)."""
+def xfcc_chain(value: str, element: str = "last", by: str | None = None) -> tuple[bytes, ...]:
+    """The chain of the chosen XFCC element (``last``: the one the trusted hop appended; or ``first``).
+
+    ``by``: the element must name this proxy in ``By`` (its own URI SAN), so that with Envoy's
+    ``APPEND_FORWARD`` an element a client wrote itself is never taken for the proxy's."""
     elements = parse_xfcc(value)
     chosen = elements[-1] if element == "last" else elements[0]
+    if by is not None and by not in chosen.by:
+        raise CertHeaderError(f"x-forwarded-client-cert: the element was not written by {by}")
     if chosen.chain:
         chain = _pem(urllib.parse.unquote(chosen.chain), "x-forwarded-client-cert Chain")
         if chosen.cert and _pem(urllib.parse.unquote(chosen.cert), "x-forwarded-client-cert Cert")[0] != chain[0]:
@@ -268,7 +273,7 @@ class CertificateHeaders:
     """The client certificate from a trusted proxy's header, in one configured format."""
 
     def __init__(self, fmt: str, trusted_proxies: Iterable[str], *, header: str | None = None,
-                 xfcc_element: str = "last") -> None:
+                 xfcc_element: str = "last", xfcc_by: str | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown certificate header format {fmt!r} (one of {', '.join(FORMATS)})")
         default_name, parser = FORMATS[fmt]
@@ -278,7 +283,7 @@ class CertificateHeaders:
         self.identities = frozenset(identity_key(p) for p in proxies if _is_identity(p))
         self.trusted = parse_networks(p for p in proxies if not _is_identity(p))
         if fmt == "xfcc":
-            self._parse: HeaderParser = _single(lambda v: xfcc_chain(v, xfcc_element))
+            self._parse: HeaderParser = _single(lambda v: xfcc_chain(v, xfcc_element, xfcc_by))
         else:
             self._parse = parser
 

@@ -116,7 +116,7 @@ def build_certificate_headers(config: Config) -> CertificateHeaders | None:
     if not gw.cert_header:
         return None
     return CertificateHeaders(gw.cert_header, gw.trusted_proxies, header=gw.cert_header_name or None,
-                              xfcc_element=gw.xfcc_element)
+                              xfcc_element=gw.xfcc_element, xfcc_by=gw.xfcc_by or None)
 
 
 def build_store(config: Config) -> Store:

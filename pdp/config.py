@@ -121,6 +121,8 @@ class GatewayConfig:
     cert_header: str = ""
     cert_header_name: str = ""
     xfcc_element: str = "last"
+    #: If set, the XFCC element read must carry this ``By`` (the trusted proxy's own URI SAN).
+    xfcc_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -511,7 +513,8 @@ def _gateway(t: _Table) -> GatewayConfig:
         raise ConfigError(t.key("xfcc_element"), "must be last or first")
     cfg = GatewayConfig(ext_authz_prefix=prefix, forwarded_request=forwarded, trusted_proxies=proxies,
                         cert_header=fmt,
-                        cert_header_name=(t.text("cert_header_name", "") or "").lower(), xfcc_element=element)
+                        cert_header_name=(t.text("cert_header_name", "") or "").lower(), xfcc_element=element,
+                        xfcc_by=t.text("xfcc_by", "") or "")
     t.done()
     return cfg
 

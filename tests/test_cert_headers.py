@@ -830,3 +830,18 @@ def test_an_ipv4_client_on_a_dual_stack_listener_is_matched_by_its_ipv4_network(
     value = urllib.parse.quote(pki.client.pem.decode(), safe="")
     assert headers.read("::ffff:10.1.2.3", {"ssl-client-cert": value}).chain == (pki.client.der,)
     assert headers.read("::ffff:192.0.2.1", {"ssl-client-cert": value}).untrusted
+
+
+
+def test_xfcc_by_requires_the_element_to_be_the_proxys_own(pki):
+    cert = urllib.parse.quote(pki.client.pem.decode(), safe="")
+    proxy = "spiffe://example.org/gateway"
+    ours = f'By={proxy};Cert="{cert}"'
+    forged = f'By=spiffe://example.org/client;Cert="{cert}"'
+    assert xfcc_chain(ours, by=proxy) == (pki.client.der,)
+    with pytest.raises(CertHeaderError, match="not written by"):
+        xfcc_chain(forged, by=proxy)
+    with pytest.raises(CertHeaderError):
+        xfcc_chain(f'Cert="{cert}"', by=proxy)
+    headers = CertificateHeaders("xfcc", ["127.0.0.1/32"], xfcc_by=proxy)
+    assert headers.read("127.0.0.1", {"x-forwarded-client-cert": forged}).error
