@@ -65,13 +65,9 @@ trust_domain_allowed if input.cert.trust_domain in config.allowed_trust_domains
 # A prefix matches on segment boundaries: "/admin" covers "/admin" and "/admin/x", not "/administrator".
 matching_routes := [route |
 	some route in config.routes
-	under(trim_suffix(route.prefix, "/"))
+	startswith(concat("", [input.path, "/"]), concat("", [trim_suffix(route.prefix, "/"), "/"]))
 	input.attributes.request.http.method in object.get(route, "methods", [input.attributes.request.http.method])
 ]
-
-under(base) if input.path == base
-
-under(base) if startswith(input.path, concat("", [base, "/"]))
 
 spiffe_id_denied if {
 	some route in matching_routes
