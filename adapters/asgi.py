@@ -19,7 +19,6 @@ proxy-header rewriting (uvicorn ``proxy_headers=False``), or a local caller's
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -148,11 +147,8 @@ def _rewrite_headers(raw: list[tuple[bytes, bytes]], decision: Decision) -> list
 
 
 def _denial(decision: Decision) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    body = decision.body.encode() if decision.body else json.dumps(
-        {"reason": decision.reason, "decision_id": decision.decision_id}).encode()
-    headers = {k: v for k, v in decision.response_headers.items()}
-    if not decision.body:
-        headers["content-type"] = "application/json"
+    text, headers = decision.denial()
+    body = text.encode()
     headers["content-length"] = str(len(body))
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()], body
 

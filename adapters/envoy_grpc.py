@@ -106,10 +106,7 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             ),
             dynamic_metadata=_metadata(decision),
         )
-    body = decision.body or json.dumps({"reason": decision.reason, "decision_id": decision.decision_id})
-    headers = dict(decision.response_headers)
-    if not decision.body:
-        headers.setdefault("content-type", "application/json")
+    body, headers = decision.denial()
     code = code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code, message=decision.reason),

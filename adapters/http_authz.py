@@ -17,10 +17,8 @@ a small JSON body naming the reason code.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
 from pdp.adapters.cert_headers import CertificateHeaders
 
@@ -78,8 +76,6 @@ def render(decision: Decision) -> tuple[int, dict[str, str], bytes]:
             headers["x-envoy-auth-headers-to-remove"] = ",".join(decision.headers_to_remove)
         headers.update(decision.response_headers)
         return 200, headers, b""
-    headers.update(decision.response_headers)
-    body: Any = decision.body or json.dumps({"reason": decision.reason, "decision_id": decision.decision_id})
-    if not decision.body:
-        headers["content-type"] = "application/json"
-    return decision.status, headers, body.encode() if isinstance(body, str) else body
+    body, denial_headers = decision.denial()
+    headers.update(denial_headers)
+    return decision.status, headers, body.encode()

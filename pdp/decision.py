@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -57,6 +58,15 @@ class Decision:
     #: What was verified (for in-process callers such as the ASGI middleware); never rendered.
     identity: CertIdentity | None = field(default=None, repr=False, compare=False)
     token: VerifiedToken | None = field(default=None, repr=False, compare=False)
+
+    def denial(self) -> tuple[str, dict[str, str]]:
+        """The body and response headers a denied client gets: the policy's body, or a small JSON
+        document naming the reason code and the decision id (never credential material)."""
+        headers = dict(self.response_headers)
+        if self.body:
+            return self.body, headers
+        headers.setdefault("content-type", "application/json")
+        return json.dumps({"reason": self.reason, "decision_id": self.decision_id}), headers
 
     def explanation(self) -> dict[str, Any]:
         return {

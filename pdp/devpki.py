@@ -63,6 +63,23 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
                          encipher_only=False, decipher_only=False)
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, key: PrivateKey, *, ca: bool, path_length: int | None,
+             not_before: datetime | None, days: int) -> x509.CertificateBuilder:
+    """What every certificate here has: names, key, serial, validity, basic constraints, key usage."""
+    start = not_before or _now() - timedelta(minutes=5)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(_key_usage(ca=ca), critical=True)
+    )
+
+
 def make_ca(name: str = "pdp dev CA", *, key: PrivateKey | None = None, issuer: Issued | None = None,
             days: int = 3650, path_length: int | None = None,
             not_before: datetime | None = None) -> Issued:
@@ -70,20 +87,10 @@ def make_ca(name: str = "pdp dev CA", *, key: PrivateKey | None = None, issuer: 
     key = key or new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pdp dev"),
                          x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    start = not_before or _now() - timedelta(minutes=5)
     signer_key = issuer.key if issuer else key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
+    builder = _builder(subject, issuer.cert.subject if issuer else subject, key, ca=True, path_length=path_length,
+                       not_before=not_before, days=days).add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     if issuer:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
@@ -107,18 +114,10 @@ def make_client(ca: Issued, *, spiffe_id: str | None = "spiffe://example.org/dem
     names += [x509.UniformResourceIdentifier(u) for u in all_uris]
     names += [x509.RFC822Name(e) for e in emails]
     names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    start = not_before or _now() - timedelta(minutes=5)
     eku = ExtendedKeyUsageOID.CLIENT_AUTH if client_auth else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(attrs))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
+        _builder(x509.Name(attrs), ca.cert.subject, key, ca=False, path_length=None, not_before=not_before,
+                 days=days)
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )

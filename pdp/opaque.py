@@ -108,6 +108,3 @@ class OpaqueVerifier:
         answer.pop("active", None)
         answer.setdefault("iss", issuer.issuer)
         return answer
-
-    def clear_cache(self) -> None:
-        self._cache.clear()

@@ -317,12 +317,11 @@ WORKER_CONFIG_ENV = "PDP_WORKER_CONFIG"
 def worker_app() -> Any:
     """The app of one ``pdp serve --workers N`` process: its own Service (and gRPC listener, sharing
     the port with SO_REUSEPORT), built from the config the parent handed over in the environment."""
-    from pdp.config import Config as ConfigType
     from pdp.config import load_config
 
     spec = json.loads(os.environ[WORKER_CONFIG_ENV])
     setup_logging(spec["log_level"])
-    config = load_config(Path(spec["config"])) if spec["config"] else ConfigType.defaults()
+    config = load_config(Path(spec["config"])) if spec["config"] else Config.defaults()
     server = dataclasses.replace(config.server, http=spec["http"], grpc=spec["grpc"], grpc_reuse_port=True)
     return Service(dataclasses.replace(config, server=server)).asgi_app()
 
