@@ -29,10 +29,10 @@ from typing import Any
 from pdp.adapters.cert_headers import CertificateHeaders
 from starlette.concurrency import run_in_threadpool
 
+from pdp.certificates.identity import CertIdentity
+from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
-from pdp.identity import CertIdentity
-from pdp.pem import PemError, pem_to_der_chain
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
 

@@ -34,8 +34,8 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from pdp.listener_tls import identity_key
-from pdp.pem import PemError, pem_to_der_chain
+from pdp.certificates.pem import PemError, pem_to_der_chain
+from pdp.service.listener_tls import identity_key
 
 MAX_HEADER_BYTES = 64 * 1024
 

@@ -34,8 +34,8 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from pdp import reasons
+from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.decision import Decision
-from pdp.pem import PemError, pem_to_der_chain
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
 

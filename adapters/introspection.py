@@ -21,10 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pdp.certificates.identity import CertIdentity
+from pdp.credentials.rfc7662 import introspection_response
 from pdp.errors import Denied
-from pdp.identity import CertIdentity
 from pdp.pipeline import Pdp
-from pdp.rfc7662 import introspection_response
 
 #: RFC 8705 §2.1.2 client metadata names → the identity attribute they are compared with.
 TLS_CLIENT_AUTH_NAMES = ("tls_client_auth_subject_dn", "tls_client_auth_san_dns", "tls_client_auth_san_uri",

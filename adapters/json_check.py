@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.decision import Decision
-from pdp.pem import PemError, pem_to_der_chain
 from pdp.request import CheckRequest
 
 _FIELDS = frozenset({"method", "path", "host", "scheme", "headers", "client_cert", "source_address",

@@ -28,12 +28,12 @@ from types import MappingProxyType
 import httpx
 
 from pdp.assemble import build_pdp
+from pdp.certificates.pem import pem_to_der_chain
 from pdp.config import load_config
 from pdp.devinit import dev_init
 from pdp.devpki import TokenIssuer, load_private_key
-from pdp.pem import pem_to_der_chain
 from pdp.pipeline import Pdp
-from pdp.policy_input import build_input
+from pdp.policy.input import build_input
 from pdp.request import CheckRequest
 
 

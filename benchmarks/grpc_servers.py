@@ -28,7 +28,7 @@ from pdp.adapters.envoy_grpc import EnvoyAuthorization
 from pdp.assemble import build_pdp
 from pdp.config import load_config
 from pdp.devinit import dev_init
-from pdp.grpc_listener import GrpcListener
+from pdp.service.grpc_listener import GrpcListener
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from pdp.listener_tls import ListenerTls, tls_protocols, uvicorn_ssl_options
+from pdp.service.listener_tls import ListenerTls, tls_protocols, uvicorn_ssl_options
 
 
 async def orders(request: Request) -> JSONResponse:

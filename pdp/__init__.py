@@ -15,14 +15,14 @@ Build one from a config file and ask it::
 from __future__ import annotations
 
 from pdp.assemble import build_pdp
+from pdp.certificates.identity import CertIdentity
 from pdp.config import Config, load_config
+from pdp.credentials.tokens import VerifiedToken
 from pdp.decision import Decision, Step
 from pdp.errors import ConfigError, Denied, LoadError, PdpError
-from pdp.identity import CertIdentity
 from pdp.pipeline import DecisionSettings, Pdp
 from pdp.reasons import Reason
 from pdp.request import CheckRequest
-from pdp.tokens import VerifiedToken
 
 __all__ = [
     "CertIdentity",

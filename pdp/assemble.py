@@ -13,20 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdp.adapters.cert_headers import CertificateHeaders
+from pdp.certificates.trust import ChainVerifier, TrustBundle
+from pdp.certificates.trust import load_bundle as load_trust_bundle
 from pdp.config import Config, IssuerConfig
-from pdp.decision_log import DecisionLog
+from pdp.credentials.http_fetch import HttpFetch
+from pdp.credentials.introspection_client import IntrospectionClient
+from pdp.credentials.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, discovered_jwks_url, parse_jwks
+from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier
+from pdp.credentials.tokens import Issuer, TokenVerifier
 from pdp.errors import LoadError
-from pdp.http_fetch import HttpFetch
-from pdp.introspection_client import IntrospectionClient
-from pdp.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, discovered_jwks_url, parse_jwks
-from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 from pdp.pipeline import DecisionSink, Pdp
-from pdp.policy import PolicyBundle, PolicyEngine, load_bundle
-from pdp.rego import probe_compile
+from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle
+from pdp.policy.rego import probe_compile
+from pdp.service.decision_log import DecisionLog
 from pdp.store import MemoryStore, RedisStore, Store
-from pdp.tokens import Issuer, TokenVerifier
-from pdp.trust import ChainVerifier, TrustBundle
-from pdp.trust import load_bundle as load_trust_bundle
 
 log = logging.getLogger("pdp")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pdp.decision_log import setup_logging
 from pdp.errors import ConfigError, PdpError
+from pdp.service.decision_log import setup_logging
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
@@ -30,7 +30,7 @@ def _config(path: str | None) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pdp.service import Service
+    from pdp.service.server import Service
 
     config = _config(args.config)
     overrides = {k: v for k, v in (("http", args.http), ("grpc", args.grpc)) if v is not None}
@@ -63,7 +63,7 @@ def _serve_workers(args: argparse.Namespace, config: Any, host: str, port: int, 
     Service: the GIL and regorus engines stay per process. Each has its own caches and metrics."""
     import uvicorn
 
-    from pdp.service import WORKER_CONFIG_ENV, Service, uvicorn_options
+    from pdp.service.server import WORKER_CONFIG_ENV, Service, uvicorn_options
 
     Service(config).pdp.close()  # fail here, in the parent, on a config or policy that will not load
     os.environ[WORKER_CONFIG_ENV] = json.dumps({
@@ -73,7 +73,7 @@ def _serve_workers(args: argparse.Namespace, config: Any, host: str, port: int, 
                                   args.workers, config.policy.engine)
     from uvicorn.supervisors import Multiprocess
 
-    server_config = uvicorn.Config("pdp.service:worker_app", factory=True, host=host, port=port,
+    server_config = uvicorn.Config("pdp.service.server:worker_app", factory=True, host=host, port=port,
                                    workers=args.workers, log_level="warning", **uvicorn_options(config))
     sock = server_config.bind_socket()
     # Accepted connections inherit this: without it, a socket shared with worker processes answered
@@ -91,7 +91,7 @@ def _read(path: str) -> bytes:
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp import reasons
     from pdp.assemble import build_pdp
-    from pdp.pem import PemError, pem_to_der_chain
+    from pdp.certificates.pem import PemError, pem_to_der_chain
     from pdp.request import CheckRequest
 
     config = _config(args.config)
@@ -139,15 +139,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_cert_inspect(args: argparse.Namespace) -> int:
     from cryptography import x509
 
-    from pdp.identity import extract_identity
-    from pdp.pem import pem_to_der_chain
+    from pdp.certificates.identity import extract_identity
+    from pdp.certificates.pem import pem_to_der_chain
 
     chain = pem_to_der_chain(_read(args.file))
     certs = [x509.load_der_x509_certificate(d) for d in chain]
     verified_by = "not verified (no --config)"
     if args.config:
         from pdp.assemble import load_trust
-        from pdp.trust import ChainVerifier
+        from pdp.certificates.trust import ChainVerifier
 
         config = _config(args.config)
         verifier = ChainVerifier(load_trust(config), max_chain_depth=config.certificates.max_chain_depth)
@@ -183,9 +183,9 @@ def _iso(ts: float) -> str:
 
 # -- token inspect
 def cmd_token_inspect(args: argparse.Namespace) -> int:
+    from pdp.credentials.jose import DecodeError, json_object
+    from pdp.credentials.jws import JwsError, parse_compact
     from pdp.errors import Denied
-    from pdp.jose import DecodeError, json_object
-    from pdp.jws import JwsError, parse_compact
 
     token = _read(args.file).decode("utf-8", "replace").strip()
     if token.lower().startswith("bearer "):
@@ -235,9 +235,9 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
 # -- policy test
 def cmd_policy_test(args: argparse.Namespace) -> int:
     from pdp.policies import DEFAULT_POLICY_DIR
-    from pdp.policy import load_bundle
-    from pdp.rego import probe_compile
-    from pdp.rego_testing import report, run_tests
+    from pdp.policy.engine import load_bundle
+    from pdp.policy.rego import probe_compile
+    from pdp.policy.testing import report, run_tests
 
     paths = [Path(p) for p in args.paths] or [DEFAULT_POLICY_DIR]
     engine = args.engine or "regorus"

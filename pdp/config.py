@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdp.credentials.jws import ASYMMETRIC_ALGORITHMS
 from pdp.errors import ConfigError
-from pdp.jws import ASYMMETRIC_ALGORITHMS
 
 if TYPE_CHECKING:
     from pdp.adapters.introspection import IntrospectionClient
-from pdp.listener_tls import ListenerTls
+from pdp.certificates.spiffe import SpiffeIdError, parse_spiffe_id
+from pdp.credentials.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
+from pdp.credentials.rfc9449 import DpopSettings
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
-from pdp.policy import ENGINES
-from pdp.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
-from pdp.rfc9449 import DpopSettings
-from pdp.spiffe import SpiffeIdError, parse_spiffe_id
+from pdp.policy.engine import ENGINES
+from pdp.service.listener_tls import ListenerTls
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from pdp.reasons import Reason
 
 if TYPE_CHECKING:
-    from pdp.identity import CertIdentity
-    from pdp.tokens import VerifiedToken
+    from pdp.certificates.identity import CertIdentity
+    from pdp.credentials.tokens import VerifiedToken
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 

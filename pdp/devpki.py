@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pdp.jose import b64url_encode
-from pdp.rfc8705 import thumbprint
+from pdp.credentials.jose import b64url_encode
+from pdp.credentials.rfc8705 import thumbprint
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -204,7 +204,7 @@ class DpopKey:
 
     @property
     def jkt(self) -> str:
-        from pdp.rfc7638 import jwk_thumbprint
+        from pdp.credentials.rfc7638 import jwk_thumbprint
 
         return jwk_thumbprint(self.public_jwk)
 
@@ -212,7 +212,7 @@ class DpopKey:
               iat: float | None = None, jti: str | None = None, claims: dict[str, Any] | None = None,
               headers: dict[str, Any] | None = None) -> str:
         """A DPoP proof JWT for ``method`` ``url`` (and ``access_token``'s hash as ``ath``)."""
-        from pdp.rfc9449 import access_token_hash
+        from pdp.credentials.rfc9449 import access_token_hash
 
         body: dict[str, Any] = {"jti": jti or uuid.uuid4().hex, "htm": method, "htu": url,
                                 "iat": int(iat if iat is not None else time.time())}

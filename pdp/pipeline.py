@@ -23,21 +23,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdp import reasons
+from pdp.certificates.identity import CertIdentity
+from pdp.certificates.trust import ChainVerifier
+from pdp.credentials.rfc6750 import challenge
+from pdp.credentials.rfc8705 import BINDING_METHOD, check_binding
+from pdp.credentials.rfc9449 import DpopSettings, NonceIssuer, check_proof, request_uri
+from pdp.credentials.tokens import TokenVerifier, VerifiedToken
 from pdp.decision import Decision, Step, new_decision_id
-from pdp.decision_log import DecisionLog, log_record
 from pdp.errors import Denied, NeedsNetwork
-from pdp.identity import CertIdentity
-from pdp.policy import PolicyEngine, PolicyEvalError
-from pdp.policy_input import build_input
-from pdp.policy_result import PolicyOutcome, PolicyResultError, read_outcome
+from pdp.policy.engine import PolicyEngine, PolicyEvalError
+from pdp.policy.input import build_input
+from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
 from pdp.reasons import Reason
 from pdp.request import CheckRequest
-from pdp.rfc6750 import challenge
-from pdp.rfc8705 import BINDING_METHOD, check_binding
-from pdp.rfc9449 import DpopSettings, NonceIssuer, check_proof, request_uri
+from pdp.service.decision_log import DecisionLog, log_record
 from pdp.store import MemoryStore, Store
-from pdp.tokens import TokenVerifier, VerifiedToken
-from pdp.trust import ChainVerifier
 
 log = logging.getLogger("pdp")
 

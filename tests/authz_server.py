@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pdp.listener_tls import ListenerTls, tls_protocols, uvicorn_ssl_options
-from pdp.rfc8705 import thumbprint
+from pdp.credentials.rfc8705 import thumbprint
+from pdp.service.listener_tls import ListenerTls, tls_protocols, uvicorn_ssl_options
 
 
 @dataclass

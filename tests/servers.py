@@ -20,7 +20,7 @@ import httpx
 import uvicorn
 
 from pdp.config import Config
-from pdp.service import Service
+from pdp.service.server import Service
 
 
 def free_port() -> int:

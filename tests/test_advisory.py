@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm, get_default_algorithms
 
+from pdp.credentials.jose import b64url_decode, b64url_encode
 from pdp.decision import Decision
 from pdp.devpki import TokenIssuer, make_ca
-from pdp.jose import b64url_decode, b64url_encode
 from pdp.pipeline import Pdp
 
 PYJWT = get_default_algorithms()

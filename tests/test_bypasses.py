@@ -159,8 +159,8 @@ def test_delta_and_partitioned_crls_are_refused_at_load(tmp_path, pki):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
+    from pdp.certificates.trust import load_bundle
     from pdp.errors import LoadError
-    from pdp.trust import load_bundle
 
     now = datetime.now(UTC)
     for ext in (x509.DeltaCRLIndicator(1), x509.IssuingDistributionPoint(
@@ -178,8 +178,8 @@ def test_delta_and_partitioned_crls_are_refused_at_load(tmp_path, pki):
 def test_a_partner_domain_ca_cannot_log_in_to_introspection_by_dns_name(pki):
     from pdp.adapters.introspection import ClientAuthError, IntrospectionClient, certificate_client
 
+    from pdp.certificates.trust import ChainVerifier, TrustBundle
     from pdp.devpki import make_ca, make_client
-    from pdp.trust import ChainVerifier, TrustBundle
 
     partner = make_ca("partner CA")
     cert = make_client(partner, spiffe_id="spiffe://partner.org/x", dns=("billing.example.org",))
@@ -216,7 +216,7 @@ def test_one_dpop_key_cannot_fill_the_replay_store_for_everyone(make_pdp, pki, i
 
 def test_allowlisted_spiffe_ids_compare_exactly(pki):
     from pdp.devpki import make_client
-    from pdp.listener_tls import caller_allowed
+    from pdp.service.listener_tls import caller_allowed
 
     upper = make_client(pki.intermediate, spiffe_id="spiffe://example.org/GATEWAY")
     assert not caller_allowed(("spiffe://example.org/gateway",), upper.der)
@@ -225,14 +225,14 @@ def test_allowlisted_spiffe_ids_compare_exactly(pki):
 
 
 def test_a_unicode_digit_in_a_nonce_is_just_an_invalid_nonce():
-    from pdp.rfc9449 import NonceIssuer
+    from pdp.credentials.rfc9449 import NonceIssuer
 
     assert NonceIssuer(b"k" * 32, 300).valid("\u00b2.x", time.time()) is False
 
 
 def test_an_introspection_answer_without_aud_is_refused():
+    from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier
     from pdp.errors import Denied
-    from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 
     answer = {"active": True, "exp": time.time() + 60, "iss": "https://as.test", "scope": "read"}
     verifier = OpaqueVerifier([OpaqueIssuer("https://as.test", frozenset({AUDIENCE}), lambda token: answer)])
@@ -244,8 +244,8 @@ def test_an_introspection_answer_without_aud_is_refused():
 def test_a_flood_of_random_opaque_tokens_cannot_tie_up_every_worker():
     import threading
 
+    from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier
     from pdp.errors import Denied
-    from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 
     entered, release = threading.Event(), threading.Event()
 

@@ -29,8 +29,8 @@ from pdp.adapters.cert_headers import (
     xfcc_chain,
 )
 
+from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.devpki import Issued, make_client
-from pdp.pem import PemError, pem_to_der_chain
 
 FUZZ = settings(max_examples=300, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,8 +13,8 @@ from pdp.policies import DEFAULT_POLICY_DIR
 
 from pdp.assemble import build_pdp
 from pdp.config import Config, ConfigError, IssuerConfig, load_config, parse_config
+from pdp.credentials.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
 from pdp.errors import LoadError
-from pdp.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
 
 BASE = Path("/etc/pdp")
 

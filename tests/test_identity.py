@@ -1,4 +1,4 @@
-"""pdp.identity.extract_identity: what a client certificate says about its holder."""
+"""pdp.certificates.identity.extract_identity: what a client certificate says about its holder."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pdp import reasons
+from pdp.certificates.identity import CertIdentity, extract_identity
 from pdp.devpki import Issued, make_ca, make_client
 from pdp.errors import Denied
-from pdp.identity import CertIdentity, extract_identity
 
 NOT_BEFORE = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 NOT_AFTER = datetime(2031, 6, 7, 8, 9, 10, tzinfo=UTC)

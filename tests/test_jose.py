@@ -1,4 +1,5 @@
-"""pdp.jose: strict unpadded base64url (RFC 7515 §2, RFC 4648 §5) and strict JSON objects (RFC 7515 §5.2, RFC 8259)."""
+"""pdp.credentials.jose: strict unpadded base64url (RFC 7515 §2, RFC 4648 §5) and strict JSON objects
+(RFC 7515 §5.2, RFC 8259)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdp.jose import DecodeError, b64url_decode, b64url_encode, json_object
+from pdp.credentials.jose import DecodeError, b64url_decode, b64url_encode, json_object
 
 HYPOTHESIS = settings(database=None, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 
@@ -42,7 +43,7 @@ def test_b64url_encode_uses_the_url_alphabet_and_no_padding() -> None:
 
 
 def test_decode_error_is_a_value_error() -> None:
-    # Callers that catch ValueError (as pdp.jws does via DecodeError) must see it.
+    # Callers that catch ValueError (as pdp.credentials.jws does via DecodeError) must see it.
     assert issubclass(DecodeError, ValueError)
 
 

@@ -1,4 +1,4 @@
-"""pdp.jwks: JWKS parsing (RFC 7517), the remote key source and RFC 8414 / OIDC discovery.
+"""pdp.credentials.jwks: JWKS parsing (RFC 7517), the remote key source and RFC 8414 / OIDC discovery.
 
 The remote source is given a plain ``fetch(url) -> bytes`` function (its documented injection point) that
 serves real JWKS documents built from real keys, or raises like an unreachable server would.
@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from pdp.jose import b64url_encode
-from pdp.jwks import (
+from pdp.credentials.jose import b64url_encode
+from pdp.credentials.jwks import (
     JsonWebKey,
     KeySetError,
     RemoteKeySource,

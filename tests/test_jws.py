@@ -1,4 +1,4 @@
-"""pdp.jws: compact JWS parsing and verification (RFC 7515, RFC 7518, RFC 8037, RFC 8725), with real keys,
+"""pdp.credentials.jws: compact JWS parsing and verification (RFC 7515, RFC 7518, RFC 8037, RFC 8725),
 real signatures and the Wycheproof JWS/JWK vectors."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 
-from pdp.jose import b64url_decode, b64url_encode
-from pdp.jwks import JsonWebKey, KeySet, KeySetError, parse_jwks
-from pdp.jws import ASYMMETRIC_ALGORITHMS, MAX_TOKEN_LENGTH, JwsError, ParsedJws, parse_compact, verify
+from pdp.credentials.jose import b64url_decode, b64url_encode
+from pdp.credentials.jwks import JsonWebKey, KeySet, KeySetError, parse_jwks
+from pdp.credentials.jws import ASYMMETRIC_ALGORITHMS, MAX_TOKEN_LENGTH, JwsError, ParsedJws, parse_compact, verify
 
 ALL_ASYMMETRIC = frozenset(ASYMMETRIC_ALGORITHMS)
 PYJWT = get_default_algorithms()

@@ -15,7 +15,7 @@ from servers import free_port
 from pdp.assemble import build_pdp
 from pdp.config import load_config
 from pdp.devpki import make_client
-from pdp.listener_tls import ListenerTls
+from pdp.service.listener_tls import ListenerTls
 
 pytestmark = pytest.mark.integration
 

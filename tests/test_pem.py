@@ -1,4 +1,4 @@
-"""pdp.pem.pem_to_der_chain: PEM text in, DER certificates out (leaf first), or PemError."""
+"""pdp.certificates.pem.pem_to_der_chain: PEM text in, DER certificates out (leaf first), or PemError."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pdp.certificates.pem import MAX_CHAIN_BYTES, MAX_CHAIN_LENGTH, PemError, pem_to_der_chain
 from pdp.devpki import Issued, make_ca, make_client
-from pdp.pem import MAX_CHAIN_BYTES, MAX_CHAIN_LENGTH, PemError, pem_to_der_chain
 
 FUZZ = settings(max_examples=300, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -24,9 +24,9 @@ import pytest
 from conftest import AUDIENCE, CLIENT_ID, ISSUER, bound_token, check_request
 
 from pdp import reasons
+from pdp.credentials.jose import b64url_decode, b64url_encode
 from pdp.decision import Decision
 from pdp.devpki import Issued, TokenIssuer, make_ca, make_client, new_key
-from pdp.jose import b64url_decode, b64url_encode
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
 

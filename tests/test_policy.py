@@ -13,8 +13,8 @@ import pytest
 from pdp.policies import DEFAULT_POLICY_DIR
 
 from pdp.errors import LoadError
-from pdp.policy import UNDEFINED, PolicyBundle, PolicyEngine, PolicyEvalError, entrypoint_query, load_bundle
-from pdp.rego import probe_compile
+from pdp.policy.engine import UNDEFINED, PolicyBundle, PolicyEngine, PolicyEvalError, entrypoint_query, load_bundle
+from pdp.policy.rego import probe_compile
 
 HEADER = "package t\nimport rego.v1\n"
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from conftest import AUDIENCE, CLIENT_ID, bound_token
 
-from pdp.identity import CertIdentity
-from pdp.jwks import StaticKeySource, parse_jwks
-from pdp.policy_input import build_input, parse_path
+from pdp.certificates.identity import CertIdentity
+from pdp.certificates.trust import ChainVerifier, TrustBundle
+from pdp.credentials.jwks import StaticKeySource, parse_jwks
+from pdp.credentials.tokens import Issuer, TokenVerifier, VerifiedToken
+from pdp.policy.input import build_input, parse_path
 from pdp.request import CheckRequest
-from pdp.tokens import Issuer, TokenVerifier, VerifiedToken
-from pdp.trust import ChainVerifier, TrustBundle
 
 
 @pytest.fixture

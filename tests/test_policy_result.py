@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from pdp.policy import UNDEFINED
-from pdp.policy_result import PolicyOutcome, PolicyResultError, read_outcome
+from pdp.policy.engine import UNDEFINED
+from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
 
 
 @pytest.mark.parametrize("value", [True, False])

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pdp.policies import DEFAULT_POLICY_DIR
 
-from pdp import rego_testing
-from pdp.policy import PolicyBundle, load_bundle
-from pdp.rego_testing import discover, report, run_tests
+from pdp.policy import testing as rego_testing
+from pdp.policy.engine import PolicyBundle, load_bundle
+from pdp.policy.testing import discover, report, run_tests
 
 SUBJECT = """package demo
 import rego.v1

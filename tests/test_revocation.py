@@ -11,10 +11,10 @@ from conftest import bound_token, check_request
 from servers import serve_pdp
 
 from pdp import reasons
+from pdp.certificates.trust import ChainVerifier, TrustBundle, load_bundle
 from pdp.config import load_config
 from pdp.devpki import make_ca, make_client, make_crl
 from pdp.errors import Denied, LoadError
-from pdp.trust import ChainVerifier, TrustBundle, load_bundle
 
 
 def bundle_with(tmp_path, pki, crls: dict[str, bytes], require: bool = False) -> TrustBundle:

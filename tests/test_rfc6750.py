@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdp import reasons
-from pdp.rfc6750 import challenge
+from pdp.credentials.rfc6750 import challenge
 
 # RFC 6750 §3: quoted values hold only %x20-21 / %x23-5B / %x5D-7E (no '"', no '\', ASCII printable).
 _QUOTED = r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'

@@ -10,8 +10,8 @@ import pytest
 from conftest import AUDIENCE, bound_token, check_request
 
 from pdp import reasons
+from pdp.credentials.rfc8705 import BINDING_METHOD, check_binding, thumbprint
 from pdp.errors import Denied
-from pdp.rfc8705 import BINDING_METHOD, check_binding, thumbprint
 
 ALLOW_ALL = 'package pdp.authz\nimport rego.v1\nresult := {"allowed": true}\n'
 

@@ -15,11 +15,9 @@ from conftest import AUDIENCE, check_request
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pdp import reasons
-from pdp.devpki import DpopKey
-from pdp.errors import Denied
-from pdp.jose import b64url_encode
-from pdp.rfc7638 import jwk_thumbprint
-from pdp.rfc9449 import (
+from pdp.credentials.jose import b64url_encode
+from pdp.credentials.rfc7638 import jwk_thumbprint
+from pdp.credentials.rfc9449 import (
     DpopSettings,
     NonceIssuer,
     access_token_hash,
@@ -28,6 +26,8 @@ from pdp.rfc9449 import (
     read_proof,
     request_uri,
 )
+from pdp.devpki import DpopKey
+from pdp.errors import Denied
 from pdp.store import MemoryStore
 
 URL = "https://api.test/orders"

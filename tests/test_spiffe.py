@@ -1,4 +1,4 @@
-"""pdp.spiffe: SPIFFE IDs per the SPIFFE ID standard §2."""
+"""pdp.certificates.spiffe: SPIFFE IDs per the SPIFFE ID standard §2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp.spiffe import MAX_LENGTH, SpiffeId, SpiffeIdError, is_spiffe_uri, parse_spiffe_id
+from pdp.certificates.spiffe import MAX_LENGTH, SpiffeId, SpiffeIdError, is_spiffe_uri, parse_spiffe_id
 
 FUZZ = settings(max_examples=300, database=None, deadline=None)
 

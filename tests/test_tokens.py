@@ -1,4 +1,4 @@
-"""pdp.tokens.TokenVerifier: every rule, each test named after it, asserting the reason code.
+"""pdp.credentials.tokens.TokenVerifier: every rule, each test named after it, asserting the reason code.
 
 Tokens are real ES256/RS256 tokens signed by real keys; key sets are real JWKS documents. Remote key
 sources get a plain ``fetch`` function (their documented injection point) serving those documents.
@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm, get_default_algorithms
 
 from pdp import reasons
+from pdp.credentials.jose import b64url_decode, b64url_encode
+from pdp.credentials.jwks import KeySet, RemoteKeySource, StaticKeySource, parse_jwks
+from pdp.credentials.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
+from pdp.credentials.tokens import CACHE_MARGIN_SECONDS, Issuer, TokenVerifier, VerifiedToken
 from pdp.devpki import TokenIssuer
 from pdp.errors import Denied, NeedsNetwork
-from pdp.jose import b64url_decode, b64url_encode
-from pdp.jwks import KeySet, RemoteKeySource, StaticKeySource, parse_jwks
 from pdp.reasons import Reason
-from pdp.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
-from pdp.tokens import CACHE_MARGIN_SECONDS, Issuer, TokenVerifier, VerifiedToken
 
 PYJWT = get_default_algorithms()
 REMOVE = object()

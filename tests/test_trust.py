@@ -1,4 +1,4 @@
-"""pdp.trust: client certificate chains verified against trust bundles, with a cache."""
+"""pdp.certificates.trust: client certificate chains verified against trust bundles, with a cache."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from pdp import reasons
+from pdp.certificates.identity import CertIdentity
+from pdp.certificates.trust import ChainVerifier, TrustBundle, load_bundle
 from pdp.devpki import Issued, make_ca, make_client
 from pdp.errors import Denied, LoadError
-from pdp.identity import CertIdentity
 from pdp.reasons import Reason
-from pdp.trust import ChainVerifier, TrustBundle, load_bundle
 
 DAY = 86400.0
 

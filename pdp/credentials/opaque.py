@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdp import reasons, rfc9068
+from pdp import reasons
 from pdp.cache import ExpiringCache
+from pdp.credentials import rfc9068
 from pdp.errors import Denied, NeedsNetwork
 
 log = logging.getLogger("pdp.opaque")

@@ -30,10 +30,10 @@ from cryptography.x509.verification import (
 
 from pdp import reasons
 from pdp.cache import ExpiringCache
+from pdp.certificates.identity import CertIdentity, extract_identity, spiffe_of
+from pdp.certificates.pem import PemError, pem_to_der_chain
+from pdp.certificates.revocation import check_chain, load_crls
 from pdp.errors import Denied, LoadError
-from pdp.identity import CertIdentity, extract_identity, spiffe_of
-from pdp.pem import PemError, pem_to_der_chain
-from pdp.revocation import check_chain, load_crls
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from pdp.jose import DecodeError, json_object
-from pdp.weak_keys import roca_vulnerable
+from pdp.credentials.jose import DecodeError, json_object
+from pdp.credentials.weak_keys import roca_vulnerable
 
 log = logging.getLogger("pdp.jwks")
 

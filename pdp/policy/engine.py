@@ -151,7 +151,7 @@ class PolicyEngine:
     """Evaluates one bundle from any thread, compiling a per-thread evaluator on first use."""
 
     def __init__(self, bundle: PolicyBundle) -> None:
-        from pdp.rego import compile_evaluator
+        from pdp.policy.rego import compile_evaluator
 
         self.bundle = bundle
         self.version = bundle.version

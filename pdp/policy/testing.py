@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from pdp.errors import LoadError
-from pdp.policy import PolicyBundle, PolicyEngine, PolicyEvalError
+from pdp.policy.engine import PolicyBundle, PolicyEngine, PolicyEvalError
 
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^(test_[A-Za-z0-9_]*)\b", re.MULTILINE)

@@ -14,13 +14,14 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdp import reasons, rfc9068
+from pdp import reasons
 from pdp.cache import ExpiringCache
+from pdp.credentials import rfc9068
+from pdp.credentials.jose import DecodeError, json_object
+from pdp.credentials.jwks import KeySet, KeySource
+from pdp.credentials.jws import JwsError, ParsedJws, parse_compact, verify
+from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier
 from pdp.errors import Denied, NeedsNetwork
-from pdp.jose import DecodeError, json_object
-from pdp.jwks import KeySet, KeySource
-from pdp.jws import JwsError, ParsedJws, parse_compact, verify
-from pdp.opaque import OpaqueIssuer, OpaqueVerifier
 
 #: A cached token expires this long before its ``exp``.
 CACHE_MARGIN_SECONDS = 1.0

@@ -12,9 +12,9 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from pdp.identity import CertIdentity
+from pdp.certificates.identity import CertIdentity
+from pdp.credentials.tokens import VerifiedToken
 from pdp.request import CheckRequest
-from pdp.tokens import VerifiedToken
 
 NO_CERT: dict[str, Any] = {"present": False}
 NO_TOKEN: dict[str, Any] = {"present": False}

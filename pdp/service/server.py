@@ -41,18 +41,18 @@ from pdp.assemble import (
     load_trust,
     policy_files,
 )
+from pdp.certificates.identity import CertIdentity
 from pdp.config import Config
+from pdp.credentials.jwks import StaticKeySource
 from pdp.decision import Decision
-from pdp.decision_log import setup_logging
 from pdp.errors import Denied, NeedsNetwork
-from pdp.grpc_listener import GrpcListener
-from pdp.identity import CertIdentity
-from pdp.jwks import StaticKeySource
-from pdp.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
-from pdp.metrics import CONTENT_TYPE, Metrics
 from pdp.pipeline import Pdp
-from pdp.reloader import Reloader, Watched
 from pdp.request import CheckRequest
+from pdp.service.decision_log import setup_logging
+from pdp.service.grpc_listener import GrpcListener
+from pdp.service.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
+from pdp.service.metrics import CONTENT_TYPE, Metrics
+from pdp.service.reloader import Reloader, Watched
 
 log = logging.getLogger("pdp")
 

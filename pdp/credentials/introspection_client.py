@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from authlib.oauth2.auth import ClientAuth
 
-from pdp.jose import json_object
+from pdp.credentials.jose import json_object
 
 MAX_ANSWER_BYTES = 64 * 1024
 

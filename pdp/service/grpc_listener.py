@@ -19,8 +19,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdp.adapters.envoy_grpc import EnvoyAuthorization
-from pdp.listener_tls import ListenerTls, caller_allowed
 from pdp.pipeline import Pdp
+from pdp.service.listener_tls import ListenerTls, caller_allowed
 
 log = logging.getLogger("pdp")
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdp import reasons
+from pdp.credentials.jose import DecodeError, b64url_encode, json_object
+from pdp.credentials.jwks import KeySet, KeySetError, parse_jwk
+from pdp.credentials.jws import ASYMMETRIC_ALGORITHMS, JwsError, parse_compact, verify
+from pdp.credentials.rfc7638 import ThumbprintError, jwk_thumbprint
+from pdp.credentials.rfc9068 import is_numeric_date
 from pdp.errors import Denied
-from pdp.jose import DecodeError, b64url_encode, json_object
-from pdp.jwks import KeySet, KeySetError, parse_jwk
-from pdp.jws import ASYMMETRIC_ALGORITHMS, JwsError, parse_compact, verify
-from pdp.rfc7638 import ThumbprintError, jwk_thumbprint
-from pdp.rfc9068 import is_numeric_date
 from pdp.store import Store, StoreUnavailable
 
 #: jti, htu and the rest are short in practice; a long one only costs memory in the replay store.

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import NameOID
 
 from pdp import reasons
+from pdp.certificates.spiffe import SpiffeIdError, is_spiffe_uri, parse_spiffe_id
+from pdp.credentials.rfc8705 import thumbprint
 from pdp.errors import Denied
-from pdp.rfc8705 import thumbprint
-from pdp.spiffe import SpiffeIdError, is_spiffe_uri, parse_spiffe_id
 
 _ATTRIBUTES = {
     NameOID.COMMON_NAME: "CN", NameOID.ORGANIZATION_NAME: "O", NameOID.ORGANIZATIONAL_UNIT_NAME: "OU",

@@ -13,10 +13,10 @@ import logging
 import sys
 from typing import Any
 
+from pdp.certificates.identity import CertIdentity
+from pdp.credentials.tokens import VerifiedToken
 from pdp.decision import Decision
-from pdp.identity import CertIdentity
 from pdp.request import CheckRequest
-from pdp.tokens import VerifiedToken
 
 logger = logging.getLogger("pdp.decisions")
 

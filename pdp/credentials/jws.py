@@ -16,8 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import Algorithm, get_default_algorithms
 
-from pdp.jose import DecodeError, b64url_decode, json_object
-from pdp.jwks import JsonWebKey, KeySet
+from pdp.credentials.jose import DecodeError, b64url_decode, json_object
+from pdp.credentials.jwks import JsonWebKey, KeySet
 
 _PYJWT_ALGS = get_default_algorithms()
 

@@ -1,4 +1,4 @@
-"""The child process of ``pdp.rego.probe_compile``: compile a regopy bundle read from stdin.
+"""The child process of ``pdp.policy.rego.probe_compile``: compile a regopy bundle read from stdin.
 
 Exit 0 when it compiles, 1 with the engine's message when it does not; a
 crash of the engine shows as a signal in the parent.
@@ -10,8 +10,8 @@ import json
 import sys
 
 from pdp.errors import LoadError
-from pdp.policy import PolicyBundle
-from pdp.rego import RegopyEvaluator
+from pdp.policy.engine import PolicyBundle
+from pdp.policy.rego import RegopyEvaluator
 
 
 def main() -> int:

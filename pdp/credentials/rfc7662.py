@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdp.tokens import VerifiedToken
+from pdp.credentials.tokens import VerifiedToken
 
 INACTIVE: dict[str, Any] = {"active": False}
 

@@ -18,9 +18,9 @@ import subprocess
 import sys
 from typing import Any
 
+from pdp.credentials.jose import DecodeError, json_object
 from pdp.errors import LoadError
-from pdp.jose import DecodeError, json_object
-from pdp.policy import UNDEFINED, Evaluator, PolicyBundle, PolicyEvalError
+from pdp.policy.engine import UNDEFINED, Evaluator, PolicyBundle, PolicyEvalError
 
 _PROBE_TIMEOUT = 60.0
 
@@ -134,7 +134,7 @@ def probe_compile(bundle: PolicyBundle) -> None:
     # -I: the child imports the installed pdp, never a pdp/ folder in the working directory.
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-m", "pdp.rego_probe"], input=payload.encode(), capture_output=True,
+            [sys.executable, "-I", "-m", "pdp.policy.probe"], input=payload.encode(), capture_output=True,
             timeout=_PROBE_TIMEOUT, check=False)
     except subprocess.TimeoutExpired as exc:
         raise LoadError("policy.paths", "compiling the policy took too long") from exc

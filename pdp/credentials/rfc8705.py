@@ -11,8 +11,8 @@ import hashlib
 import hmac
 
 from pdp import reasons
+from pdp.credentials.jose import b64url_encode
 from pdp.errors import Denied
-from pdp.jose import b64url_encode
 
 BINDING_METHOD = "x5t#S256"
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pdp.jose import b64url_encode
+from pdp.credentials.jose import b64url_encode
 
 _REQUIRED = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x"),
              "oct": ("k", "kty")}

@@ -1,0 +1,1 @@
+"""Client certificates: PEM, trust bundles and chain validation, identity, SPIFFE IDs, revocation."""

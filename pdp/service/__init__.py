@@ -1,0 +1,1 @@
+"""``pdp serve``: the HTTP and gRPC listeners, their TLS, the reloader, metrics and the decision log."""
