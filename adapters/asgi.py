@@ -11,8 +11,9 @@ types (lifespan) pass through.
 
 The client certificate comes from the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``) where the server
-provides it, else from a trusted proxy's header (``CertificateHeaders``).
-Proxies are trusted by ``scope["client"]``: run the server without
+provides it, or from a trusted proxy's header (``[gateway]``, read by the
+``Pdp``'s one reader, as on every entry point). Proxies are trusted by
+``scope["client"]`` or by their TLS certificate: run the server without
 proxy-header rewriting (uvicorn ``proxy_headers=False``), or a local caller's
 ``X-Forwarded-For`` could claim a trusted proxy's address.
 """
@@ -20,13 +21,12 @@ proxy-header rewriting (uvicorn ``proxy_headers=False``), or a local caller's
 from __future__ import annotations
 
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from pdp.adapters.cert_headers import CertificateHeaders
 from starlette.concurrency import run_in_threadpool
 
 from pdp.certificates.identity import CertIdentity
@@ -34,7 +34,8 @@ from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
 from pdp.pipeline import Pdp
-from pdp.request import CheckRequest
+from pdp.request_reader import RawRequest, Via
+from pdp.service.listener_tls import caller_names
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,7 +43,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["PdpMiddleware", "PdpState"]
+__all__ = ["PdpMiddleware", "PdpState", "scope_to_raw"]
 
 
 @dataclass(frozen=True)
@@ -67,38 +68,33 @@ class PdpState:
 class PdpMiddleware:
     """Decide on every request in process; answer denies, pass allows on with the verified identity.
 
-    Build it from a ``Pdp`` (``pdp.build_pdp(...)``, made once) or from a config file path.
+    Build it from a ``Pdp`` (``pdp.build_pdp(...)``, made once) or from a config file path: either way
+    the request is read by the ``Pdp``'s one reader, with every ``[gateway]`` setting of its config.
     """
 
-    def __init__(self, app: ASGIApp, *, pdp: Pdp | None = None, config: str | Path | None = None,
-                 certificate_headers: CertificateHeaders | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, pdp: Pdp | None = None, config: str | Path | None = None) -> None:
         if (pdp is None) == (config is None):
             raise ValueError("give PdpMiddleware exactly one of pdp= or config=")
         if pdp is None:
-            from pdp.adapters.cert_headers import CertificateHeaders as Headers
-
             from pdp.assemble import build_pdp
             from pdp.config import load_config
 
-            cfg = load_config(Path(str(config)))
-            pdp = build_pdp(cfg)
-            gw = cfg.gateway
-            if certificate_headers is None and gw.cert_header:
-                certificate_headers = Headers(gw.cert_header, gw.trusted_proxies,
-                                              header=gw.cert_header_name or None, xfcc_element=gw.xfcc_element)
+            pdp = build_pdp(load_config(Path(str(config))))
         self.app = app
         self.pdp = pdp
-        self.certificate_headers = certificate_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request = self._check_request(scope)
+        tls = (scope.get("extensions") or {}).get("tls") or {}
+        raw = scope_to_raw(scope, via=Via.DIRECT, now=time.time(), caller_names=caller_names(
+            tls.get("client_cert_der")))
         try:
-            decision = self.pdp.decide(request, network=False)
-        except NeedsNetwork:
-            decision = await run_in_threadpool(self.pdp.decide, request)
+            decision = self.pdp.check(raw, network=False)
+        except NeedsNetwork as exc:
+            assert exc.request is not None
+            decision = await run_in_threadpool(self.pdp.decide, exc.request)
         if decision.allowed:
             scope.setdefault("state", {})["pdp"] = PdpState(
                 decision_id=decision.decision_id, identity=decision.identity,
@@ -110,34 +106,31 @@ class PdpMiddleware:
         else:
             await _deny_websocket(scope, decision, receive, send)
 
-    def _check_request(self, scope: Scope) -> CheckRequest:
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope.get("headers", []):
-            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]},{value}" if name in headers else value
-        client = scope.get("client")
-        peer = client[0] if client else ""
-        chain: tuple[bytes, ...] = ()
-        cert_error: str | None = None
-        tls = (scope.get("extensions") or {}).get("tls") or {}
-        if tls.get("client_cert_chain"):
-            try:
-                chain = pem_to_der_chain("".join(tls["client_cert_chain"]))
-            except PemError as exc:
-                cert_error = f"TLS extension: {exc}"
-        elif self.certificate_headers is not None:
-            found = self.certificate_headers.read(peer, headers)
-            chain, cert_error = found.chain, found.error
-        path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
-        if scope.get("query_string"):
-            path = f"{path}?{scope['query_string'].decode('latin-1')}"
-        raw_scheme = str(scope.get("scheme", "http"))
-        scheme = {"ws": "http", "wss": "https"}.get(raw_scheme, raw_scheme)
-        return CheckRequest(
-            method=scope.get("method", "GET"), path=path, host=headers.get("host", ""), scheme=scheme,
-            headers=MappingProxyType(headers), client_cert_chain=chain, client_cert_error=cert_error,
-            source_address=peer, time=time.time(), protocol=f"HTTP/{scope.get('http_version', '1.1')}",
-        )
+
+def scope_to_raw(scope: Scope, *, via: Via, now: float, caller_names: frozenset[str] = frozenset()) -> RawRequest:
+    """An ASGI request as received: the raw path (never the decoded one) and query, the header lines with
+    their repeats, the peer, and the TLS peer's chain (``scope["extensions"]["tls"]``) if any."""
+    chain: tuple[bytes, ...] = ()
+    chain_error: str | None = None
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    if tls.get("client_cert_chain"):
+        try:
+            chain = pem_to_der_chain("".join(tls["client_cert_chain"]))
+        except PemError as exc:
+            chain_error = f"TLS extension: {exc}"
+    raw_path = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
+    target = bytes(raw_path).decode("latin-1")
+    if scope.get("query_string"):
+        target = f"{target}?{bytes(scope['query_string']).decode('latin-1')}"
+    raw_scheme = str(scope.get("scheme", "http"))
+    client = scope.get("client")
+    return RawRequest(
+        via=via, method=scope.get("method", "GET"), target=target,
+        headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])),
+        scheme={"ws": "http", "wss": "https"}.get(raw_scheme, raw_scheme), peer_address=client[0] if client else "",
+        client_chain=chain, client_chain_error=chain_error, caller_names=caller_names, time=now,
+        protocol=f"HTTP/{scope.get('http_version', '1.1')}",
+    )
 
 
 def _rewrite_headers(raw: list[tuple[bytes, bytes]], decision: Decision) -> list[tuple[bytes, bytes]]:

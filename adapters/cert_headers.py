@@ -302,10 +302,15 @@ class CertificateHeaders:
 
     def read(self, peer: str, headers: Mapping[str, str],
              caller_names: frozenset[str] = frozenset()) -> HeaderCertificate:
+        """The certificate of ``headers`` (lower-case names) if ``peer`` is a trusted proxy."""
         if self.header not in headers:
             return HeaderCertificate()
         if not self.trusts(peer, caller_names):
             return HeaderCertificate(untrusted=True)
+        return self.parse(headers)
+
+    def parse(self, headers: Mapping[str, str]) -> HeaderCertificate:
+        """The certificate of ``headers``, whose sender the caller has already found trusted."""
         try:
             chain = self._parse(headers, self.header)
         except CertHeaderError as exc:

@@ -23,6 +23,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -37,22 +38,23 @@ from pdp import reasons
 from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.decision import Decision
 from pdp.pipeline import Pdp
+from pdp.reasons import Reason
 from pdp.request import CheckRequest
+from pdp.request_reader import RawRequest, Via
 
 log = logging.getLogger("pdp.envoy")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def to_check_request(message: external_auth_pb2.CheckRequest, *, now: float) -> CheckRequest:
-    """Envoy's ``CheckRequest`` → pdp's ``CheckRequest``."""
+def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> RawRequest:
+    """Envoy's ``CheckRequest`` → the raw facts of the request it describes, for ``Pdp.check``."""
     attributes = message.attributes
     http = attributes.request.http
-    headers: dict[str, str] = {k.lower(): v for k, v in http.headers.items()}
-    for entry in http.header_map.headers:  # Envoy sends this form with encode_raw_headers
-        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-        key = entry.key.lower()
-        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    # Envoy joins a repeated header with ',' in this map; with encode_raw_headers it sends header_map lines.
+    lines = [(k, v) for k, v in http.headers.items()]
+    lines += [(entry.key, entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value)
+              for entry in http.header_map.headers]
     chain: tuple[bytes, ...] = ()
     cert_error: str | None = None
     if attributes.source.certificate:
@@ -68,15 +70,16 @@ def to_check_request(message: external_auth_pb2.CheckRequest, *, now: float) -> 
         context["metadata_context"] = json_format.MessageToDict(attributes.metadata_context)
     if attributes.source.principal:
         context["source_principal"] = attributes.source.principal
-    return CheckRequest(
-        method=http.method.upper(),
-        path=path,
-        host=http.host or headers.get(":authority", ""),
-        scheme=http.scheme or "https",
+    return RawRequest(
+        via=Via.DOCUMENT,
+        method=http.method,
+        target=path,
+        headers=tuple(lines),
+        host=http.host or None,
+        scheme=http.scheme,
         protocol=http.protocol or "HTTP/1.1",
-        headers=MappingProxyType(headers),
-        client_cert_chain=chain,
-        client_cert_error=cert_error,
+        client_chain=chain,
+        client_chain_error=cert_error,
         source_address=attributes.source.address.socket_address.address,
         time=now,
         context=MappingProxyType(context),
@@ -125,22 +128,61 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
     def __init__(self, pdp: Callable[[], Pdp]) -> None:
         self._pdp = pdp
 
-    def Check(self, request: external_auth_pb2.CheckRequest,
+    def Check(self, request: external_auth_pb2.CheckRequest | Unreadable,
               context: grpc.ServicerContext) -> external_auth_pb2.CheckResponse:
         pdp = self._pdp()
         now = time.time()
         try:
+            if isinstance(request, Unreadable):
+                return to_check_response(pdp.refuse(request.reason, request.detail, CheckRequest(
+                    method="", path="", time=now)))
             try:
-                check = to_check_request(request, now=now)
+                raw = to_raw_request(request, now=now)
             except Exception as exc:  # a request we cannot read is a deny, never an RPC error
                 log.warning("unreadable CheckRequest: %s", exc)
                 return to_check_response(pdp.refuse(reasons.REQUEST_INVALID, "unreadable CheckRequest",
                                                     CheckRequest(method="", path="", time=now)))
-            return to_check_response(pdp.decide(check))
+            return to_check_response(pdp.check(raw))
         except Exception:
             log.exception("Check failed; denying")
             return INTERNAL_ERROR_RESPONSE
 
+
+#: The largest ``CheckRequest`` pdp reads; a larger one is denied unread (``request_too_large``). The
+#: listener itself takes a message of any size, so that no size becomes an RPC error (grpcio's default
+#: limit is 4 MiB) that a ``failure_mode_allow: true`` gateway would let through.
+MAX_CHECK_REQUEST_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = (("grpc.max_receive_message_length", -1),)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A ``CheckRequest`` that could not be read, in place of the message, so that it is denied."""
+
+    reason: Reason
+    detail: str
+
+
+def read_message(data: bytes) -> external_auth_pb2.CheckRequest | Unreadable:
+    """The request deserializer: a message, or why there is none (too large, not a CheckRequest)."""
+    if len(data) > MAX_CHECK_REQUEST_BYTES:
+        return Unreadable(reasons.REQUEST_TOO_LARGE, f"a CheckRequest of {len(data)} bytes")
+    try:
+        return external_auth_pb2.CheckRequest.FromString(data)
+    except Exception:
+        return Unreadable(reasons.REQUEST_INVALID, "the CheckRequest is not a valid message")
+
+
+def add_to_server(servicer: EnvoyAuthorization, server: grpc.Server) -> None:
+    """Register the ``Authorization`` service, reading requests with ``read_message``."""
+    handlers = {"Check": grpc.unary_unary_rpc_method_handler(
+        servicer.Check, request_deserializer=read_message,
+        response_serializer=external_auth_pb2.CheckResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, handlers),))
+    server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)
+
+
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
 #: The answer when even rendering a decision failed: a deny, in the shape Envoy expects.
 INTERNAL_ERROR_RESPONSE = external_auth_pb2.CheckResponse(

@@ -15,12 +15,11 @@ the upstream ``headers``, ``headers_to_remove``, ``response_headers``,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.decision import Decision
-from pdp.request import CheckRequest
+from pdp.request_reader import RawRequest, Via
 
 _FIELDS = frozenset({"method", "path", "host", "scheme", "headers", "client_cert", "source_address",
                      "protocol"})
@@ -37,30 +36,28 @@ def _string(doc: Mapping[str, Any], name: str, default: str | None = None) -> st
     return value
 
 
-def _headers(value: Any) -> dict[str, str]:
+def _headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """The document's headers as lines: a list value is that header repeated, as received."""
     if value is None:
-        return {}
+        return ()
     if not isinstance(value, dict):
         raise RequestDocumentError("'headers' must be an object")
-    headers: dict[str, str] = {}
+    lines: list[tuple[str, str]] = []
     for name, v in value.items():
-        if isinstance(v, list) and all(isinstance(x, str) for x in v):
-            v = ",".join(v)
-        if not isinstance(v, str):
+        values = (v or [""]) if isinstance(v, list) else [v]
+        if not all(isinstance(x, str) for x in values):
             raise RequestDocumentError(f"header {name[:64]!r} must be a string or a list of strings")
-        key = name.lower()
-        headers[key] = f"{headers[key]},{v}" if key in headers else v
-    return headers
+        lines += [(name, x) for x in values]
+    return tuple(lines)
 
 
-def parse_request(doc: Any, *, now: float, peer_address: str = "") -> CheckRequest:
+def parse_request(doc: Any, *, now: float, peer_address: str = "") -> RawRequest:
+    """The request the document describes, as raw facts for ``Pdp.check`` (``RequestReader``)."""
     if not isinstance(doc, dict):
         raise RequestDocumentError("the request document must be a JSON object")
     unknown = set(doc) - _FIELDS
     if unknown:
         raise RequestDocumentError(f"unknown fields: {', '.join(sorted(str(u)[:32] for u in unknown))}")
-    headers = _headers(doc.get("headers"))
-    host = _string(doc, "host", headers.get(":authority", headers.get("host", "")))
     chain: tuple[bytes, ...] = ()
     cert_error: str | None = None
     pem = doc.get("client_cert")
@@ -72,15 +69,17 @@ def parse_request(doc: Any, *, now: float, peer_address: str = "") -> CheckReque
                 chain = pem_to_der_chain(pem)
             except PemError as exc:
                 cert_error = str(exc)
-    return CheckRequest(
-        method=_string(doc, "method").upper(),
-        path=_string(doc, "path"),
-        host=host,
+    return RawRequest(
+        via=Via.DOCUMENT,
+        method=_string(doc, "method"),
+        target=_string(doc, "path"),
+        headers=_headers(doc.get("headers")),
+        host=_string(doc, "host") if "host" in doc else None,
         scheme=_string(doc, "scheme", "https"),
         protocol=_string(doc, "protocol", "HTTP/1.1"),
-        headers=MappingProxyType(headers),
-        client_cert_chain=chain,
-        client_cert_error=cert_error,
+        client_chain=chain,
+        client_chain_error=cert_error,
+        peer_address=peer_address,
         source_address=_string(doc, "source_address", peer_address),
         time=now,
     )

@@ -25,6 +25,7 @@ from pdp.errors import LoadError
 from pdp.pipeline import DecisionSink, Pdp
 from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle
 from pdp.policy.rego import probe_compile
+from pdp.request_reader import GatewaySettings, RequestReader, UntrustedHeader
 from pdp.service.decision_log import DecisionLog
 from pdp.store import MemoryStore, RedisStore, Store
 
@@ -149,8 +150,17 @@ def build_token_verifier(config: Config, keys: KeySources) -> TokenVerifier:
                                                cache_size=config.tokens.cache_size))
 
 
+def build_reader(config: Config, on_untrusted: UntrustedHeader | None = None) -> RequestReader:
+    """The one request reader, with every ``[gateway]`` setting."""
+    gw = config.gateway
+    return RequestReader(GatewaySettings(ext_authz_prefix=gw.ext_authz_prefix, forwarded_request=gw.forwarded_request,
+                                         certificate_headers=build_certificate_headers(config)),
+                         on_untrusted=on_untrusted)
+
+
 def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
-              keys: KeySources | None = None, probe: bool = True, store: Store | None = None) -> Pdp:
+              keys: KeySources | None = None, probe: bool = True, store: Store | None = None,
+              on_untrusted: UntrustedHeader | None = None) -> Pdp:
     keys = keys or build_key_sources(config, fetch)
     tokens = build_token_verifier(config, keys)
     closers = [c.close for c in keys.clients] + [
@@ -166,4 +176,5 @@ def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[Decisi
         dpop=config.dpop,
         store=store or build_store(config),
         closers=tuple(closers),
+        reader=build_reader(config, on_untrusted),
     )

@@ -16,7 +16,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pdp.reasons import Reason
+
+if TYPE_CHECKING:
+    from pdp.request import CheckRequest
 
 
 class PdpError(Exception):
@@ -36,8 +41,11 @@ class NeedsNetwork(PdpError):
     """The decision needs a key-set fetch, and the caller asked for a decision without network waits.
 
     Adapters on an event loop decide inline with ``network=False`` and, on this
-    exception, decide again in a worker thread where waiting is harmless.
+    exception, decide ``request`` (the request as read, set by ``Pdp.check``) again in a
+    worker thread where waiting is harmless.
     """
+
+    request: CheckRequest | None = None
 
 
 class ConfigError(PdpError):

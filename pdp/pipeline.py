@@ -36,6 +36,7 @@ from pdp.policy.input import build_input
 from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
 from pdp.reasons import Reason
 from pdp.request import CheckRequest
+from pdp.request_reader import RawRequest, RequestReader
 from pdp.service.decision_log import DecisionLog, log_record
 from pdp.store import MemoryStore, Store
 
@@ -101,7 +102,8 @@ class Pdp:
     def __init__(self, *, certificates: ChainVerifier, tokens: TokenVerifier, policy: PolicyEngine,
                  settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
                  sinks: tuple[DecisionSink, ...] = (), dpop: DpopSettings | None = None,
-                 store: Store | None = None, closers: tuple[Callable[[], None], ...] = ()) -> None:
+                 store: Store | None = None, closers: tuple[Callable[[], None], ...] = (),
+                 reader: RequestReader | None = None) -> None:
         self.certificates = certificates
         self.tokens = tokens
         self.policy = policy
@@ -111,6 +113,7 @@ class Pdp:
         self.nonces = NonceIssuer(self.dpop.nonce_secret, self.dpop.nonce_lifetime)
         self.decision_log = decision_log or DecisionLog()
         self.sinks = sinks
+        self.reader = reader or RequestReader()
         self._closers = closers
 
     def close(self) -> None:
@@ -143,6 +146,22 @@ class Pdp:
             decision = self._deny(decision_id, reasons.INTERNAL_ERROR, "internal error; denied", trace)
         self._record(decision, request, trace, policy.version, time.perf_counter() - started)
         return decision
+
+    def check(self, raw: RawRequest, *, network: bool = True) -> Decision:
+        """Read what an entry point received (``RequestReader``, the one reading) and decide on it.
+        A request that cannot be read is a deny (``request_invalid``). Raises only ``NeedsNetwork``
+        (with the request as read) when ``network`` is False and a key set must be fetched."""
+        try:
+            request = self.reader.read(raw)
+        except Denied as denied:
+            return self.refuse(denied.reason, denied.detail, CheckRequest(
+                method=raw.method[:32], path=raw.target.split("?", 1)[0][:512], time=raw.time,
+                source_address=raw.source_address or raw.peer_address))
+        try:
+            return self.decide(request, network=network)
+        except NeedsNetwork as exc:
+            exc.request = request
+            raise
 
     def refuse(self, reason: Reason, detail: str, request: CheckRequest) -> Decision:
         """A deny for a request an adapter could not even read (logged and counted like any other)."""

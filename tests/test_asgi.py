@@ -16,7 +16,6 @@ import pytest
 import uvicorn
 import websockets
 from pdp.adapters.asgi import PdpMiddleware
-from pdp.adapters.cert_headers import CertificateHeaders
 from servers import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -148,9 +147,11 @@ def test_certificate_from_a_trusted_proxy_header_and_a_python_built_pdp(dev):
     async def whoami(request: Request) -> JSONResponse:
         return JSONResponse({"caller": request.state.pdp.spiffe_id})
 
-    pdp = build_pdp(load_config(dev / "pdp.toml"))
-    app = PdpMiddleware(Starlette(routes=[Route("/orders", whoami)]), pdp=pdp,
-                        certificate_headers=CertificateHeaders("xfcc", ["127.0.0.1/32"]))
+    behind_proxy = dev / "behind-proxy.toml"
+    behind_proxy.write_text((dev / "pdp.toml").read_text()
+                            + '\n[gateway]\ntrusted_proxies = ["127.0.0.1/32"]\ncert_header = "xfcc"\n')
+    pdp = build_pdp(load_config(behind_proxy))
+    app = PdpMiddleware(Starlette(routes=[Route("/orders", whoami)]), pdp=pdp)
     port = free_port()
     server, thread = _run(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     try:

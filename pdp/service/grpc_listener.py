@@ -15,17 +15,13 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pdp.adapters.envoy_grpc import EnvoyAuthorization
+from pdp.adapters.envoy_grpc import AUTHORIZATION_SERVICE, SERVER_OPTIONS, EnvoyAuthorization, add_to_server
 from pdp.pipeline import Pdp
 from pdp.service.listener_tls import ListenerTls, caller_allowed
 
 log = logging.getLogger("pdp")
-
-AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
-
 
 class _GatedAuthorization(EnvoyAuthorization):
     """Admits only the allowed gateway identities, before any decision is made."""
@@ -53,10 +49,10 @@ class GrpcListener:
         # SO_REUSEPORT only where several pdp processes serve one port (pdp serve --workers N);
         # elsewhere a second listener on a taken port must fail, not silently share it.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdp-grpc"),
-                                  options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+                                  options=[("grpc.so_reuseport", 1 if reuse_port else 0), *SERVER_OPTIONS])
         servicer = _GatedAuthorization(pdp, tls.allowed_callers) if tls and tls.allowed_callers \
             else EnvoyAuthorization(pdp)
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self.server)
+        add_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if tls is None:

@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from pdp import reasons
 from pdp.adapters import http_authz, introspection
+from pdp.adapters.asgi import scope_to_raw
 from pdp.adapters.json_check import RequestDocumentError, parse_request, render
 from pdp.assemble import (
     build_certificate_headers,
@@ -48,6 +49,7 @@ from pdp.decision import Decision
 from pdp.errors import Denied, NeedsNetwork
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
+from pdp.request_reader import RawRequest, Via
 from pdp.service.decision_log import setup_logging
 from pdp.service.grpc_listener import GrpcListener
 from pdp.service.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
@@ -66,7 +68,8 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.keys = build_key_sources(config, fetch)
-        self.pdp: Pdp = build_pdp(config, keys=self.keys, sinks=(self.metrics.observe,))
+        self.pdp: Pdp = build_pdp(config, keys=self.keys, sinks=(self.metrics.observe,),
+                                  on_untrusted=self._untrusted_header)
         self.metrics.set_policy(self.pdp.policy.version, config.policy.engine)
         self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
         self._stop = threading.Event()
@@ -164,7 +167,7 @@ class Service:
         try:
             body = await _read_body(request, self.config.server.max_body_bytes)
             doc = json.loads(body)
-            check = parse_request(doc, now=now, peer_address=peer)
+            raw = parse_request(doc, now=now, peer_address=peer)
         except _TooLarge:
             decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document too large",
                                        _unreadable(now, peer))
@@ -173,32 +176,28 @@ class Service:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
             return JSONResponse(render(decision), status_code=400)
-        return JSONResponse(render(await self._decide(check)))
+        return JSONResponse(render(await self._check(raw)))
 
-    async def _decide(self, check: CheckRequest) -> Decision:
+    async def _check(self, raw: RawRequest) -> Decision:
         try:
             # Decisions are CPU work: inline on the event loop, unless one must wait on a JWKS fetch.
-            return self.pdp.decide(check, network=False)
-        except NeedsNetwork:
-            return await run_in_threadpool(self.pdp.decide, check)
+            return self.pdp.check(raw, network=False)
+        except NeedsNetwork as exc:
+            assert exc.request is not None
+            return await run_in_threadpool(self.pdp.decide, exc.request)
 
     async def ext_authz(self, request: Request) -> Response:
         """Envoy http_service / nginx auth_request / Traefik forwardAuth."""
-        peer = request.client.host if request.client else ""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]}
-        caller_der = (request.scope.get("extensions", {}).get("tls") or {}).get("client_cert_der")
-        names = caller_names(caller_der)
-        check, ignored = http_authz.to_check_request(
-            method=request.method, path=request.url.path, query=request.url.query, headers=headers, peer=peer,
-            prefix=self.config.gateway.ext_authz_prefix, certificates=self.cert_headers,
-            trusted=self.cert_headers.trusts(peer, names) if self.cert_headers else False, now=time.time(),
-            caller_names=names, forwarded=self.config.gateway.forwarded_request)
-        if ignored:
-            self.metrics.untrusted_cert_headers.inc()
-            log.warning("ignored a %s header from %s, which is not a trusted proxy",
-                        self.cert_headers.header if self.cert_headers else "certificate", peer)
-        status, out_headers, body = http_authz.render(await self._decide(check))
+        scope = request.scope
+        caller_der = (scope.get("extensions", {}).get("tls") or {}).get("client_cert_der")
+        raw = scope_to_raw(scope, via=Via.SUBREQUEST, now=time.time(), caller_names=caller_names(caller_der))
+        statuses = "401/403" if self.config.gateway.forwarded_request == "nginx" else "any"
+        status, out_headers, body = http_authz.render(await self._check(raw), statuses=statuses)
         return Response(body, status_code=status, headers=out_headers)
+
+    def _untrusted_header(self, header: str, peer: str) -> None:
+        self.metrics.untrusted_cert_headers.inc()
+        log.warning("ignored a %s header from %s, which is not a trusted proxy", header, peer)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
