@@ -5,9 +5,15 @@ HTTP Basic (``client_secret_basic``; pdp keeps only the SHA-256 of each
 secret) or with a client certificate in the RFC 8705 ``tls_client_auth``
 style: the certificate arrives over pdp's mutual-TLS listener or from a
 trusted proxy's header, chains to pdp's trust bundles, and names the client
-in a registered SAN or subject DN. An unauthenticated caller gets 401.
+in a registered SAN or subject DN. An unauthenticated caller gets 401; a
+source or client locked out after too many failed secrets gets 429
+(``pdp.service.brute_force``).
 
-The answer for anything but a valid token is ``{"active": false}``.
+The answer for anything but a valid token is ``{"active": false}``, and so is
+the answer for a valid token the caller has no business seeing: one for none
+of the client's ``audiences``, or an unbound one where bound tokens are
+required. Validity is judged without leeway, at the moment of answering: the
+resource server compares ``exp`` with its own clock.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +30,10 @@ from typing import Any
 
 from pdp.certificates.identity import CertIdentity
 from pdp.credentials.rfc7662 import introspection_response
+from pdp.credentials.tokens import VerifiedToken
 from pdp.errors import Denied
 from pdp.pipeline import Pdp
+from pdp.service.brute_force import FailureLimiter
 
 #: RFC 8705 §2.1.2 client metadata names → the identity attribute they are compared with.
 TLS_CLIENT_AUTH_NAMES = ("tls_client_auth_subject_dn", "tls_client_auth_san_dns", "tls_client_auth_san_uri",
@@ -37,24 +46,59 @@ class IntrospectionClient:
     secret_sha256: str | None = None
     #: (RFC 8705 metadata name, expected value), e.g. ("tls_client_auth_san_uri", "spiffe://...").
     tls_client_auth: tuple[str, str] | None = None
+    #: The audiences (resource servers) this client answers for; None: every audience pdp accepts.
+    audiences: frozenset[str] | None = None
 
 
 class ClientAuthError(Exception):
     """The caller did not authenticate as an introspection client."""
 
 
-def basic_client(authorization: str | None, clients: Mapping[str, IntrospectionClient]) -> IntrospectionClient | None:
-    """The client named and proven by an HTTP Basic ``Authorization`` header, if any (RFC 6749 §2.3.1)."""
+class LockedOut(ClientAuthError):
+    """Too many failed attempts from this source or for this client: refused without a look at the secret."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"locked out for another {retry_after:.0f} s after too many failed attempts")
+        self.retry_after = retry_after
+
+
+def basic_client(authorization: str | None, clients: Mapping[str, IntrospectionClient], *,
+                 limiter: FailureLimiter | None = None, source: str = "") -> IntrospectionClient | None:
+    """The client named and proven by an HTTP Basic ``Authorization`` header, if any (RFC 6749 §2.3.1).
+
+    With a ``limiter``, a locked-out ``source`` or client is refused (``LockedOut``) before the secret is
+    compared, and every failure is counted (it may start a lock-out)."""
     if not authorization or not authorization[:6].lower() == "basic ":
         return None
+    credentials = _basic_credentials(authorization)
+    client = clients.get(credentials[0]) if credentials is not None else None
+    registered = client.client_id if client is not None and client.secret_sha256 is not None else None
+    if limiter is not None:
+        wait = limiter.locked_for(source, registered)
+        if wait > 0:
+            raise LockedOut(wait)
+    try:
+        if credentials is None:
+            raise ClientAuthError("malformed Basic credentials")
+        return _check_secret(*credentials, clients)
+    except ClientAuthError:
+        if limiter is not None:
+            limiter.failed(source, registered)
+        raise
+
+
+def _basic_credentials(authorization: str) -> tuple[str, str] | None:
     try:
         decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError) as exc:
-        raise ClientAuthError("malformed Basic credentials") from exc
+    except (binascii.Error, ValueError):
+        return None
     raw_id, sep, raw_secret = decoded.partition(":")
     if not sep:
-        raise ClientAuthError("malformed Basic credentials")
-    client_id, secret = urllib.parse.unquote_plus(raw_id), urllib.parse.unquote_plus(raw_secret)
+        return None
+    return urllib.parse.unquote_plus(raw_id), urllib.parse.unquote_plus(raw_secret)
+
+
+def _check_secret(client_id: str, secret: str, clients: Mapping[str, IntrospectionClient]) -> IntrospectionClient:
     client = clients.get(client_id)
     digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()
     # Compare even for unknown clients, so timing does not tell which client ids exist.
@@ -88,14 +132,37 @@ def certificate_client(identity: CertIdentity, clients: Mapping[str, Introspecti
     raise ClientAuthError("the certificate names no registered introspection client")
 
 
-def introspect(pdp: Pdp, form: Mapping[str, str], now: float) -> dict[str, Any]:
-    """The RFC 7662 answer for the ``token`` of a request form."""
-    token = form.get("token", "")
+def read_form(body: bytes) -> dict[str, str]:
+    """The parameters of an ``application/x-www-form-urlencoded`` body; ``ValueError`` when it is not UTF-8
+    or names a parameter twice (RFC 6749 §3.1: which of two ``token`` values would be the one asked about?)."""
+    pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+    form = dict(pairs)
+    if len(form) != len(pairs):
+        raise ValueError("a parameter is repeated")
+    return form
+
+
+def introspect(pdp: Pdp, token: str, client: IntrospectionClient, *, leeway: float = 0.0,
+               now: float | None = None) -> dict[str, Any]:
+    """The RFC 7662 answer to ``client`` for ``token``, judged at ``now`` (by default: this moment)."""
     try:
-        verified = pdp.tokens.verify(token, now)
+        verified = pdp.tokens.verify(token, time.time() if now is None else now, leeway=leeway)
     except Denied:
         verified = None
+    if verified is not None and not _answerable(verified, client, pdp.settings.require_bound_tokens):
+        verified = None
     return introspection_response(verified)
+
+
+def _answerable(token: VerifiedToken, client: IntrospectionClient, require_bound: bool) -> bool:
+    """RFC 7662 §4: a token is shown only to a resource server it can be used at, and only if it is a token
+    pdp would accept there (an unbound one is not, where bound tokens are required)."""
+    if require_bound and token.x5t_s256 is None and token.jkt is None:
+        return False
+    if client.audiences is None:
+        return True
+    aud = token.claims.get("aud")
+    return not client.audiences.isdisjoint([aud] if isinstance(aud, str) else aud or [])
 
 
 def metadata(issuer: str, dpop_algs: list[str]) -> dict[str, Any]:

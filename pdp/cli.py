@@ -7,8 +7,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -60,26 +62,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_workers(args: argparse.Namespace, config: Any, host: str, port: int, scheme: str) -> int:
     """N processes on one HTTP port (uvicorn's workers) and one gRPC port (SO_REUSEPORT), each with its own
-    Service: the GIL and regorus engines stay per process. Each has its own caches and metrics."""
+    Service: the GIL and regorus engines stay per process. Each has its own caches and metrics.
+
+    What the workers must share, they share: the DPoP nonce secret (drawn here unless configured, handed
+    over in the environment, never written anywhere) and, without ``store.url``, the store, so that a
+    DPoP proof is accepted once by all of them (RFC 9449 §11.1): a SQLite file in a private folder made
+    here and removed when the server stops."""
     import uvicorn
 
     from pdp.service.server import WORKER_CONFIG_ENV, Service, uvicorn_options
+    from pdp.store import SqliteStore
 
     Service(config).pdp.close()  # fail here, in the parent, on a config or policy that will not load
-    os.environ[WORKER_CONFIG_ENV] = json.dumps({
-        "config": str(Path(args.config).resolve()) if args.config else "",
-        "http": config.server.http, "grpc": config.server.grpc, "log_level": args.log_level or config.log.level})
-    logging.getLogger("pdp").info("pdp listening on %s://%s:%d with %d workers (engine %s)", scheme, host, port,
-                                  args.workers, config.policy.engine)
-    from uvicorn.supervisors import Multiprocess
+    state_dir = None if config.store.url else Path(tempfile.mkdtemp(prefix="pdp-workers-"))  # mode 0700
+    try:
+        store_path = ""
+        if state_dir is not None:
+            store_path = str(state_dir / "state.sqlite3")
+            SqliteStore(Path(store_path)).close()  # the schema, once, before any worker opens it
+        os.environ[WORKER_CONFIG_ENV] = json.dumps({
+            "config": str(Path(args.config).resolve()) if args.config else "",
+            "http": config.server.http, "grpc": config.server.grpc, "log_level": args.log_level or config.log.level,
+            "nonce_secret": config.dpop.nonce_secret.hex(), "store": store_path})
+        logging.getLogger("pdp").info("pdp listening on %s://%s:%d with %d workers (engine %s, shared state in %s)",
+                                      scheme, host, port, args.workers, config.policy.engine,
+                                      "store.url" if state_dir is None else state_dir)
+        from uvicorn.supervisors import Multiprocess
 
-    server_config = uvicorn.Config("pdp.service.server:worker_app", factory=True, host=host, port=port,
-                                   workers=args.workers, log_level="warning", **uvicorn_options(config))
-    sock = server_config.bind_socket()
-    # Accepted connections inherit this: without it, a socket shared with worker processes answered
-    # each request 40 ms late (Nagle against the client's delayed ACK).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    Multiprocess(server_config, sockets=[sock]).run()
+        server_config = uvicorn.Config("pdp.service.server:worker_app", factory=True, host=host, port=port,
+                                       workers=args.workers, log_level="warning", **uvicorn_options(config))
+        sock = server_config.bind_socket()
+        # Accepted connections inherit this: without it, a socket shared with worker processes answered
+        # each request 40 ms late (Nagle against the client's delayed ACK).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        Multiprocess(server_config, sockets=[sock]).run()
+    finally:
+        os.environ.pop(WORKER_CONFIG_ENV, None)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

@@ -29,6 +29,7 @@ from pdp.credentials.rfc9449 import DpopSettings
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
 from pdp.policy.engine import ENGINES
+from pdp.service.brute_force import LockoutSettings
 from pdp.service.listener_tls import ListenerTls
 
 
@@ -132,6 +133,10 @@ class IntrospectionConfig:
     enabled: bool = False
     issuer: str = "http://127.0.0.1:8181"
     clients: tuple[IntrospectionClient, ...] = ()
+    #: Seconds of clock skew forgiven on exp/nbf/iat when answering; 0: the resource server judges exp.
+    leeway: float = 0.0
+    #: Failed client_secret_basic attempts: per-source and per-client lock-outs.
+    lockout: LockoutSettings = field(default_factory=LockoutSettings)
 
 
 @dataclass(frozen=True)
@@ -541,9 +546,10 @@ def _dpop(t: _Table) -> DpopSettings:
     return cfg
 
 
-def _introspection(t: _Table) -> IntrospectionConfig:
+def _introspection(t: _Table, tokens: TokensConfig) -> IntrospectionConfig:
     from pdp.adapters.introspection import TLS_CLIENT_AUTH_NAMES, IntrospectionClient
 
+    accepted = {aud for iss in tokens.issuers for aud in iss.audiences}
     enabled = t.flag("enabled", False)
     issuer = t.text("issuer", IntrospectionConfig.issuer) or IntrospectionConfig.issuer
     if not issuer.startswith(("https://", "http://")):
@@ -561,15 +567,41 @@ def _introspection(t: _Table) -> IntrospectionConfig:
             raise ConfigError(c.path, "at most one tls_client_auth_* name per client (RFC 8705 §2.1.2)")
         if secret is None and not given:
             raise ConfigError(c.path, "needs secret_sha256 or a tls_client_auth_* name")
+        audiences = c.strings("audiences") if "audiences" in c.data else None
+        if audiences is not None:
+            unknown = [a for a in audiences if a not in accepted]
+            if not audiences or unknown:
+                raise ConfigError(c.key("audiences"), f"{unknown[0]!r} is no issuer's audience" if unknown else
+                                  "must list at least one audience (leave it out for all of pdp's)")
         c.done()
         if any(existing.client_id == client_id for existing in clients):
             raise ConfigError(c.key("client_id"), f"client {client_id!r} is configured twice")
         clients.append(IntrospectionClient(client_id, secret.lower() if secret else None,
-                                           (given[0][0], str(given[0][1])) if given else None))
+                                           (given[0][0], str(given[0][1])) if given else None,
+                                           frozenset(audiences) if audiences is not None else None))
     if enabled and not clients:
         raise ConfigError(t.key("clients"), "is required when the introspection endpoint is enabled")
+    cfg = IntrospectionConfig(enabled=enabled, issuer=issuer, clients=tuple(clients),
+                              leeway=t.number("leeway", IntrospectionConfig.leeway),
+                              lockout=_lockout(t.table("lockout")))
     t.done()
-    return IntrospectionConfig(enabled=enabled, issuer=issuer, clients=tuple(clients))
+    return cfg
+
+
+def _lockout(t: _Table) -> LockoutSettings:
+    d = LockoutSettings()
+    cfg = LockoutSettings(
+        source_failures=t.integer("source_failures", d.source_failures, minimum=1),
+        client_failures=t.integer("client_failures", d.client_failures, minimum=1),
+        window=t.number("window", d.window, minimum=1),
+        duration=t.number("duration", d.duration, minimum=1),
+        max_duration=t.number("max_duration", d.max_duration, minimum=1),
+        max_tracked=t.integer("max_tracked", d.max_tracked, minimum=100),
+    )
+    if cfg.max_duration < cfg.duration:
+        raise ConfigError(t.key("max_duration"), "must be at least duration")
+    t.done()
+    return cfg
 
 
 def _store(t: _Table) -> StoreConfig:
@@ -603,7 +635,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
         decision=_decision(root.table("decision"), tokens.require_bound),
         gateway=_gateway(root.table("gateway")),
         dpop=_dpop(root.table("dpop")),
-        introspection=_introspection(root.table("introspection")),
+        introspection=_introspection(root.table("introspection"), tokens),
         store=_store(root.table("store")),
         log=_log(root.table("log")),
         source=source,

@@ -87,6 +87,10 @@ BINDING_MISMATCH = _r("binding_mismatch", 401, "invalid_token", True,
                       "the access token is bound to another certificate")
 BINDING_CERT_MISSING = _r("binding_cert_missing", 401, "invalid_token", True,
                           "the access token is certificate-bound but no client certificate was presented")
+#: The same code when a DPoP proof is signed by another key than the token's ``cnf.jkt`` (RFC 9449 §7.1);
+#: ``by_code("binding_mismatch")`` answers with the certificate one above, registered first.
+DPOP_KEY_MISMATCH = _r("binding_mismatch", 401, "invalid_token", True,
+                       "the access token is bound to another DPoP key", dpop=True)
 BINDING_DPOP_REQUIRED = _r("binding_dpop_required", 401, "invalid_token", True,
                            "the access token is DPoP-bound and needs a DPoP proof", dpop=True)
 
@@ -108,7 +112,10 @@ SPIFFE_ID_DENIED = _r("spiffe_id_denied", 403, description="this client identity
 
 INTERNAL_ERROR = _r("internal_error", 403, description="the decision failed; denied")
 
-_BY_CODE: dict[str, Reason] = {r.code: r for r in list(globals().values()) if isinstance(r, Reason)}
+_BY_CODE: dict[str, Reason] = {}
+for _reason in [r for r in globals().values() if isinstance(r, Reason)]:
+    _BY_CODE.setdefault(_reason.code, _reason)
+del _reason
 
 
 def by_code(code: str, default: Reason = POLICY_DENIED) -> Reason:

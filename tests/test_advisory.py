@@ -298,3 +298,60 @@ def test_bound_token_replayed_with_another_certificate(pdp: Pdp, pki: Pki, issue
 def test_stolen_unbound_bearer_token(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
     token = issuer.mint(audience=AUDIENCE, scope="read write")
     assert_denied(decide(pdp, pki, token), "token_unbound")
+
+
+# -- the introspection endpoint and DPoP under attack
+
+
+def test_introspection_client_secret_brute_force() -> None:
+    from pdp.adapters.introspection import ClientAuthError, IntrospectionClient, LockedOut, basic_client
+
+    from pdp.service.brute_force import FailureLimiter, LockoutSettings
+    from pdp.store import MemoryStore
+
+    clients = {"rs": IntrospectionClient("rs", hashlib.sha256(b"right").hexdigest())}
+    limiter = FailureLimiter(LockoutSettings(source_failures=5), MemoryStore())
+
+    def attempt(secret: str) -> None:
+        basic_client("Basic " + base64.b64encode(f"rs:{secret}".encode()).decode(), clients, limiter=limiter,
+                     source="192.0.2.66")
+
+    for i in range(5):
+        with pytest.raises(ClientAuthError):
+            attempt(f"guess-{i}")
+    with pytest.raises(LockedOut):
+        attempt("right")  # a right guess during the lock-out cannot be told from a wrong one
+
+
+def test_introspection_of_a_token_expired_within_the_gateways_leeway(pdp: Pdp, pki: Pki,
+                                                                     issuer: TokenIssuer) -> None:
+    from pdp.adapters.introspection import IntrospectionClient, introspect
+
+    expired = bound_token(issuer, pki.client, now=time.time() - 70, lifetime=60)
+    assert decide(pdp, pki, expired).allowed  # tokens.leeway is for the gateway's clock skew
+    assert introspect(pdp, expired, IntrospectionClient("rs", "0" * 64)) == {"active": False}
+
+
+def test_introspection_of_a_token_for_another_resource_server(pdp: Pdp, pki: Pki, issuer: TokenIssuer) -> None:
+    from pdp.adapters.introspection import IntrospectionClient, introspect
+
+    client = IntrospectionClient("billing", "0" * 64, audiences=frozenset({"https://billing.test"}))
+    assert introspect(pdp, bound_token(issuer, pki.client), client) == {"active": False}
+
+
+def test_captured_dpop_proof_replayed_to_exhaust_the_owners_quota(make_pdp: Callable[..., Pdp], pki: Pki,
+                                                                   issuer: TokenIssuer) -> None:
+    from pdp.devpki import DpopKey
+
+    pdp = make_pdp(extra="[dpop]\nmax_proofs_per_key = 3\n")
+    key = DpopKey.generate()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+
+    def present(proof: str) -> Decision:
+        return pdp.decide(check_request(chain=pki.chain(), headers={"authorization": f"DPoP {token}", "dpop": proof}))
+
+    captured = key.proof("GET", "https://api.test/orders", token)
+    assert present(captured).allowed
+    for _ in range(5):
+        assert_denied(present(captured), "dpop_proof_invalid")
+    assert present(key.proof("GET", "https://api.test/orders", token)).allowed  # the owner is not locked out

@@ -203,3 +203,104 @@ def test_serve_with_two_workers_answers_on_both_listeners(dev):
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert err.decode().count("gRPC ext_authz listening") == 2  # one listener per worker, one port
     assert len([line for line in out.decode().splitlines() if '"decision_id"' in line]) == 6
+
+
+# -- what the workers of one `pdp serve --workers 2` must share: the DPoP replay store and nonce secret
+
+
+def _serve_workers(config: Path, port: int, tmpdir: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, TMPDIR=str(tmpdir))  # where the parent makes its private state folder
+    return subprocess.Popen([PDP, "serve", "--config", str(config), "--workers", "2", "--http", f"127.0.0.1:{port}",
+                             "--grpc", ""], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _decisions_by_worker(base: str, scrapes: int = 24) -> set[tuple[float, float]]:
+    """(allows, decisions) as each worker counted them: every worker keeps its own /metrics, and with no
+    request in between, two scrapes that differ came from different workers."""
+    seen = set()
+    for _ in range(scrapes):
+        allows = total = 0.0
+        for line in httpx.get(f"{base}/metrics").text.splitlines():  # a new connection each time
+            if line.startswith("pdp_decisions_total{"):
+                value = float(line.split()[-1])
+                total += value
+                allows += value if 'result="allow"' in line else 0.0
+        seen.add((allows, total))
+    return seen
+
+
+def _dpop_check(pki, token: str, proof: str) -> dict:
+    return {"method": "GET", "path": "/orders", "host": "api.test", "scheme": "https",
+            "headers": {"authorization": f"DPoP {token}", "dpop": proof}, "client_cert": pki.chain_pem()}
+
+
+def _until_both_workers_answered(base: str, send) -> list[dict]:
+    """Call ``send`` (a batch of concurrent checks) until both workers have answered some; bounded."""
+    answers: list[dict] = []
+    for _ in range(10):
+        answers += send()
+        workers = [w for w in _decisions_by_worker(base) if w[1] > 0]
+        if len(workers) >= 2:
+            return answers
+    pytest.fail("one worker answered every request: the test proves nothing")
+
+
+def test_dpop_replay_across_workers_is_allowed_exactly_once(write_setup, pki, issuer, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import AUDIENCE
+
+    from pdp.devpki import DpopKey
+
+    key = DpopKey.generate()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    proof = key.proof("GET", "https://api.test/orders", token)
+    port = free_port()
+    server = _serve_workers(write_setup(engine="regorus"), port, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/healthz", timeout=60)
+        (state,) = tmp_path.glob("pdp-workers-*")
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+
+        def send() -> list[dict]:
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(lambda _: httpx.post(f"{base}/v1/check", json=_dpop_check(pki, token, proof))
+                                     .json(), range(8)))
+
+        answers = _until_both_workers_answered(base, send)
+    finally:
+        _stop(server)
+    assert [a["allowed"] for a in answers].count(True) == 1
+    assert {a["reason"] for a in answers if not a["allowed"]} == {"dpop_proof_invalid"}
+    assert not list(tmp_path.glob("pdp-workers-*"))  # the parent removed its state folder at exit
+
+
+def test_dpop_nonces_of_one_worker_are_good_at_the_other(write_setup, pki, issuer, tmp_path):
+    from conftest import AUDIENCE
+
+    from pdp.devpki import DpopKey
+
+    key = DpopKey.generate()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    config = write_setup(engine="regorus", extra="[dpop]\nrequire_nonce = true\n")  # no nonce_secret
+    port = free_port()
+    server = _serve_workers(config, port, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    url = "https://api.test/orders"
+    try:
+        wait_for(f"{base}/healthz", timeout=60)
+        first = httpx.post(f"{base}/v1/check", json=_dpop_check(pki, token, key.proof("GET", url, token))).json()
+        assert first["reason"] == "dpop_nonce_required"
+        nonce = first["response_headers"]["dpop-nonce"]
+
+        def send() -> list[dict]:
+            return [httpx.post(f"{base}/v1/check", json=_dpop_check(pki, token, key.proof("GET", url, token,
+                                                                                           nonce=nonce))).json()
+                    for _ in range(8)]
+
+        answers = _until_both_workers_answered(base, send)
+    finally:
+        _stop(server)
+    assert [(a["allowed"], a["reason"]) for a in answers] == [(True, "allowed")] * len(answers)

@@ -9,7 +9,7 @@ import urllib.parse
 
 import httpx
 import pytest
-from conftest import AUDIENCE, bound_token
+from conftest import AUDIENCE, bound_token, check_request
 from servers import serve_pdp
 
 from pdp.config import load_config
@@ -146,3 +146,120 @@ def test_introspection_config_errors_name_the_key(write_setup):
         load_config(write_setup(extra='[introspection]\n[[introspection.clients]]\nclient_id = "a"\n'
                                       'secret_sha256 = "nothex"\n'))
     assert err.value.key == "introspection.clients[0].secret_sha256"
+
+
+# -- attacks on the endpoint, one test each
+
+
+def metric(url: str, name: str) -> float:
+    """The value of one sample of /metrics, 0 when it has not been counted yet."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+LOCKOUT = "[introspection.lockout]\nsource_failures = 3\nclient_failures = 50\nduration = 60\n"
+PROXY = '[gateway]\ntrusted_proxies = ["127.0.0.1/32"]\ncert_header = "xfcc"\n'
+
+
+def test_brute_force_on_client_secrets_is_locked_out(serve, pki, issuer):
+    url = serve(clients_toml() + LOCKOUT + PROXY)
+    token = bound_token(issuer, pki.client)
+    wrong = [introspect(url, token, auth=("orders-api", f"guess-{i}")) for i in range(3)]
+    assert [r.status_code for r in wrong] == [401, 401, 401]
+    # locked out: the right secret is refused like any other, so a guess made now proves nothing
+    locked = introspect(url, token)
+    assert locked.status_code == 429 and locked.json()["error"] == "invalid_client"
+    assert 0 < int(locked.headers["retry-after"]) <= 60
+    assert locked.headers["cache-control"] == "no-store"
+    assert introspect(url, token, auth=("billing-api", "x")).status_code == 429  # the source, for any client
+    # tls_client_auth cannot be guessed at, and no lock-out touches it
+    rs = make_client(pki.intermediate, spiffe_id=RS_ID, common_name="orders api")
+    xfcc = f'Cert="{urllib.parse.quote(rs.pem.decode(), safe="")}"'
+    assert introspect(url, token, auth=None, headers={"x-forwarded-client-cert": xfcc}).json()["active"] is True
+    assert metric(url, 'pdp_introspection_auth_failures_total{result="invalid"}') == 3
+    assert metric(url, 'pdp_introspection_auth_failures_total{result="locked"}') == 2
+    assert metric(url, 'pdp_introspection_lockouts_total{scope="source"}') == 1
+
+
+def test_an_expired_or_not_yet_valid_token_within_the_gateways_leeway_is_inactive(serve, make_pdp, pki, issuer):
+    url = serve()
+    expired = bound_token(issuer, pki.client, now=time.time() - 70, lifetime=60)  # exp 10 s ago
+    early = bound_token(issuer, pki.client, now=time.time() + 10)  # nbf 10 s ahead
+    pdp = make_pdp()
+    for token in (expired, early):  # the gateway forgives 30 s of clock skew (tokens.leeway) ...
+        assert pdp.decide(check_request(chain=pki.chain(), token=token)).allowed
+        assert introspect(url, token).json() == {"active": False}  # ... introspection forgives none
+
+
+def test_a_token_the_gateway_cached_is_judged_again_without_leeway(write_setup, pki, issuer):
+    early = bound_token(issuer, pki.client, now=time.time() + 10)
+    with serve_pdp(load_config(write_setup(extra=clients_toml()))) as (url, service):
+        assert service.pdp.decide(check_request(chain=pki.chain(), token=early)).allowed  # cached, with leeway
+        assert introspect(url, early).json() == {"active": False}
+
+
+def test_introspection_leeway_is_its_own_setting(serve, pki, issuer):
+    url = serve(clients_toml().replace('issuer = "https://pdp.example.org"\n',
+                                       'issuer = "https://pdp.example.org"\nleeway = 15\n', 1))
+    expired = bound_token(issuer, pki.client, now=time.time() - 70, lifetime=60)
+    assert introspect(url, expired).json()["active"] is True
+
+
+def test_a_token_for_another_resource_server_is_inactive_for_this_client(write_setup, pki, issuer):
+    billing = "https://billing.test"
+    client = ('[[introspection.clients]]\nclient_id = "billing-api"\n'
+              f'secret_sha256 = "{hashlib.sha256(b"billing-secret").hexdigest()}"\naudiences = ["{billing}"]\n')
+    path = write_setup(extra=clients_toml(client))
+    path.write_text(path.read_text().replace(f'audiences = ["{AUDIENCE}"]', f'audiences = ["{AUDIENCE}", "{billing}"]'))
+    orders_token = bound_token(issuer, pki.client)
+    both = bound_token(issuer, pki.client, audience=[AUDIENCE, billing])
+    with serve_pdp(load_config(path)) as (url, _):
+        assert introspect(url, orders_token).json()["active"] is True  # orders-api: every audience
+        assert introspect(url, orders_token, auth=("billing-api", "billing-secret")).json() == {"active": False}
+        assert introspect(url, both, auth=("billing-api", "billing-secret")).json()["active"] is True
+
+
+def test_an_unbound_token_is_inactive_when_bound_tokens_are_required(write_setup, issuer):
+    unbound = issuer.mint(audience=AUDIENCE, scope="read")
+    with serve_pdp(load_config(write_setup(extra=clients_toml(), require_bound=True))) as (url, _):
+        assert introspect(url, unbound).json() == {"active": False}
+    with serve_pdp(load_config(write_setup(extra=clients_toml(), require_bound=False))) as (url, _):
+        assert introspect(url, unbound).json()["active"] is True
+
+
+def test_a_repeated_token_parameter_is_invalid_request(serve, pki, issuer):
+    url = serve()
+    r = httpx.post(f"{url}/oauth2/introspect", auth=("orders-api", SECRET),
+                   content=f"token=garbage&token={bound_token(issuer, pki.client)}",
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json() == {"error": "invalid_request"}
+
+
+@pytest.mark.parametrize("case", ["no_token", "not_a_form", "not_utf8", "repeated", "unauthenticated"])
+def test_every_refusal_says_no_store(serve, case):
+    url = serve()
+    body, ctype, auth = {
+        "no_token": (b"nothing=here", "application/x-www-form-urlencoded", ("orders-api", SECRET)),
+        "not_a_form": (b'{"token": "x"}', "application/json", ("orders-api", SECRET)),
+        "not_utf8": (b"token=\xff", "application/x-www-form-urlencoded", ("orders-api", SECRET)),
+        "repeated": (b"token=a&token_type_hint=x&token_type_hint=y", "application/x-www-form-urlencoded",
+                     ("orders-api", SECRET)),
+        "unauthenticated": (b"token=a", "application/x-www-form-urlencoded", ("orders-api", "wrong")),
+    }[case]
+    r = httpx.post(f"{url}/oauth2/introspect", content=body, headers={"content-type": ctype}, auth=auth)
+    assert r.status_code in (400, 401)
+    assert r.headers["cache-control"] == "no-store" and r.headers["pragma"] == "no-cache"
+
+
+def test_lockout_and_client_audience_config_errors_name_the_key(write_setup):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_setup(extra=clients_toml() + "[introspection.lockout]\nsource_failure = 3\n"))
+    assert err.value.key == "introspection.lockout.source_failure"
+    with pytest.raises(ConfigError) as err:
+        load_config(write_setup(extra=clients_toml() + "[introspection.lockout]\nduration = 600\nmax_duration = 60\n"))
+    assert err.value.key == "introspection.lockout.max_duration"
+    with pytest.raises(ConfigError) as err:
+        load_config(write_setup(extra=clients_toml('audiences = ["https://nobody.test"]\n')))
+    assert err.value.key == "introspection.clients[1].audiences" and "no issuer's audience" in err.value.message

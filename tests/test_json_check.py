@@ -10,11 +10,11 @@ from conftest import bound_token, check_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pdp.adapters.json_check import RequestDocumentError, parse_request, render
-from pdp.errors import Denied
-from pdp.request_reader import RequestReader
 
 from pdp.decision import Decision, Step
+from pdp.errors import Denied
 from pdp.request import CheckRequest
+from pdp.request_reader import RequestReader
 
 NOW = 1_700_000_000.0
 

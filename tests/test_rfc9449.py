@@ -198,7 +198,8 @@ def test_rule_12_ath_must_be_the_hash_of_the_presented_token(key):
 
 
 def test_rule_12_the_key_must_be_the_one_the_token_is_bound_to(key):
-    refused(reasons.BINDING_MISMATCH, key.proof("GET", URL, TOKEN), key, jkt=DpopKey.generate().jkt)
+    refused(reasons.DPOP_KEY_MISMATCH, key.proof("GET", URL, TOKEN), key, jkt=DpopKey.generate().jkt)
+    assert reasons.DPOP_KEY_MISMATCH.code == reasons.BINDING_MISMATCH.code == "binding_mismatch"
 
 
 def test_rule_12_a_token_presented_with_dpop_must_be_dpop_bound(key):
@@ -295,3 +296,33 @@ def test_pipeline_refuses_a_replayed_proof(make_pdp, pki, issuer, key):
     assert pdp.decide(_dpop_request(token, proof, pki)).allowed
     again = pdp.decide(_dpop_request(token, proof, pki))
     assert (again.allowed, again.reason) == (False, "dpop_proof_invalid")
+
+
+def test_replayed_proofs_do_not_count_against_the_owners_quota(key):
+    """One captured proof, replayed, must not exhaust its key's max_proofs_per_key and lock the owner out."""
+    store, settings = MemoryStore(), DpopSettings(max_proofs_per_key=3)
+    captured = key.proof("GET", URL, TOKEN)
+    assert check(captured, key, store=store, settings=settings)
+    for _ in range(50):
+        refused(reasons.DPOP_PROOF_INVALID, captured, key, store=store, settings=settings)
+    assert check(key.proof("GET", URL, TOKEN), key, store=store, settings=settings)
+    assert check(key.proof("GET", URL, TOKEN), key, store=store, settings=settings)
+
+
+def test_fresh_proofs_beyond_the_quota_are_refused(key):
+    store, settings = MemoryStore(), DpopSettings(max_proofs_per_key=3)
+    for _ in range(3):
+        assert check(key.proof("GET", URL, TOKEN), key, store=store, settings=settings)
+    with pytest.raises(Denied) as err:
+        check(key.proof("GET", URL, TOKEN), key, store=store, settings=settings)
+    assert err.value.reason is reasons.DPOP_PROOF_INVALID and "too many" in err.value.detail
+
+
+def test_pipeline_dpop_key_mismatch_does_not_speak_of_a_certificate(make_pdp, pki, issuer, key):
+    pdp = make_pdp()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=DpopKey.generate())
+    decision = pdp.decide(_dpop_request(token, key.proof("GET", URL, token), pki))
+    challenge = decision.response_headers["www-authenticate"]
+    assert (decision.reason, decision.status) == ("binding_mismatch", 401)
+    assert challenge.startswith("DPoP ") and "DPoP key" in challenge and "certificate" not in challenge
+    assert "certificate" in reasons.by_code("binding_mismatch").description  # RFC 8705's keeps its words

@@ -60,15 +60,7 @@ def check_claims(claims: Mapping[str, Any], *, required: tuple[str, ...], audien
         if name in claims and not is_numeric_date(claims[name]):
             raise Denied(reasons.TOKEN_CLAIMS_INVALID, f"claim {name!r} is not a number")
 
-    exp = claims.get("exp")
-    if exp is not None and now >= exp + leeway:
-        raise Denied(reasons.TOKEN_EXPIRED, f"expired at {int(exp)}")
-    nbf = claims.get("nbf")
-    if nbf is not None and now + leeway < nbf:
-        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"not valid before {int(nbf)}")
-    iat = claims.get("iat")
-    if iat is not None and now + leeway < iat:
-        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"issued in the future ({int(iat)})")
+    check_times(claims, now=now, leeway=leeway)
 
     aud = claims.get("aud")
     if aud is not None or audiences:
@@ -84,6 +76,20 @@ def check_claims(claims: Mapping[str, Any], *, required: tuple[str, ...], audien
     cnf = claims.get("cnf")
     if cnf is not None and not isinstance(cnf, dict):
         raise Denied(reasons.TOKEN_CLAIMS_INVALID, "claim 'cnf' is not an object")
+
+
+def check_times(claims: Mapping[str, Any], *, now: float, leeway: float) -> None:
+    """Raise ``Denied`` unless ``now`` lies within ``exp``/``nbf``/``iat`` (well-typed numbers), give or take
+    ``leeway`` seconds for the clocks of issuer and pdp."""
+    exp = claims.get("exp")
+    if exp is not None and now >= exp + leeway:
+        raise Denied(reasons.TOKEN_EXPIRED, f"expired at {int(exp)}")
+    nbf = claims.get("nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"not valid before {int(nbf)}")
+    iat = claims.get("iat")
+    if iat is not None and now + leeway < iat:
+        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"issued in the future ({int(iat)})")
 
 
 def scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:

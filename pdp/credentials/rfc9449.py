@@ -7,7 +7,8 @@ members; ``htm`` and ``htu`` (normalised, query and fragment ignored) naming
 this request; the server's ``nonce`` when nonces are in use; ``iat`` within
 the window; and, with an access token (§7.1), ``ath`` equal to the token's
 hash and the key's RFC 7638 thumbprint equal to the token's ``cnf.jkt``.
-A ``jti`` seen before within the window is a replay (§11.1).
+A ``jti`` seen before within the window is a replay (§11.1); only fresh
+proofs count against a key's ``max_proofs_per_key``.
 
 Server nonces (§8/§9) are stateless: a time bucket and its HMAC under a
 secret, valid for the current and the previous bucket, so every replica that
@@ -115,6 +116,10 @@ def _invalid(detail: str) -> Denied:
     return Denied(reasons.DPOP_PROOF_INVALID, detail)
 
 
+def _replayed() -> Denied:
+    return _invalid("the DPoP proof was used before (replayed jti)")
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedProof:
     """A proof whose form, type, algorithm and signature were checked (§4.3 items 1 to 7)."""
@@ -199,17 +204,21 @@ def check_proof(proof_header: str | None, *, method: str, uri: str, access_token
     if token_jkt is None:
         raise Denied(reasons.TOKEN_UNBOUND, "a token presented with DPoP must be DPoP-bound (cnf.jkt)")
     if not hmac.compare_digest(token_jkt.encode("ascii", "replace"), proof.jkt.encode()):
-        raise Denied(reasons.BINDING_MISMATCH, "the access token is bound to another DPoP key")
+        raise Denied(reasons.DPOP_KEY_MISMATCH, "the access token is bound to another DPoP key")
     # §11.1: a jti seen before within the window is a replay. Each key may record only so many proofs
     # per window, so that one client cannot fill the replay store and lock every other client out.
-    replay_key = hashlib.sha256(f"{proof.jkt}\0{claims['jti']}".encode()).hexdigest()
+    # Only fresh proofs count against that quota: a replay is found first and costs its key's owner
+    # nothing, so one captured proof cannot lock the owner out. (A fresh proof needs the private key.)
+    replay_key = "dpop:jti:" + hashlib.sha256(f"{proof.jkt}\0{claims['jti']}".encode()).hexdigest()
+    window = 2 * settings.iat_window
     try:
-        if store.count(f"dpop:n:{proof.jkt}", 2 * settings.iat_window) > settings.max_proofs_per_key:
+        if store.ttl(replay_key) > 0:
+            raise _replayed()
+        if store.count(f"dpop:n:{proof.jkt}", window) > settings.max_proofs_per_key:
             raise _invalid("too many DPoP proofs for this key within the window")
-        fresh = store.remember(f"dpop:jti:{replay_key}", 2 * settings.iat_window)
+        if not store.remember(replay_key, window):  # the same proof, checked at the same moment elsewhere
+            raise _replayed()
     except StoreUnavailable as exc:
         raise Denied(reasons.STORE_UNAVAILABLE, str(exc)) from exc
-    if not fresh:
-        raise _invalid("the DPoP proof was used before (replayed jti)")
     return DpopProof(jkt=proof.jkt, jti=claims["jti"], htm=claims["htm"], htu=claims["htu"],
                      iat=float(claims["iat"]))

@@ -84,9 +84,19 @@ class TokenVerifier:
     def opaque_issuers(self) -> list[OpaqueIssuer]:
         return self._opaque.issuers if self._opaque else []
 
-    def verify(self, token: str, now: float, *, network: bool = True) -> VerifiedToken:
+    def verify(self, token: str, now: float, *, network: bool = True, leeway: float | None = None) -> VerifiedToken:
         """Verify ``token`` at ``now``; raise ``Denied``. With ``network=False``, raise
-        ``NeedsNetwork`` instead of waiting on a key-set fetch or an introspection call."""
+        ``NeedsNetwork`` instead of waiting on a key-set fetch or an introspection call.
+
+        ``leeway`` below the configured one holds the token to a stricter validity window (introspection
+        answers with none: its caller judges ``exp`` itself). Every token, from the cache or not, is
+        then checked against it, since the cached one was verified with the configured leeway."""
+        verified = self._verify(token, now, network)
+        if leeway is not None and leeway < self._leeway:
+            rfc9068.check_times(verified.claims, now=now, leeway=leeway)
+        return verified
+
+    def _verify(self, token: str, now: float, network: bool) -> VerifiedToken:
         digest = token_digest(token)
         if self._opaque and token.count(".") != 2:
             opaque_issuer, answer = self._opaque.verify(token, digest, now, network)

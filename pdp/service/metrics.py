@@ -1,4 +1,5 @@
-"""Prometheus metrics: decisions by result and reason, decision latency, reloads, key refreshes."""
+"""Prometheus metrics: decisions by result and reason, decision latency, reloads, key refreshes, and the
+introspection endpoint's refused client authentications and lock-outs."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ class Metrics:
         self.untrusted_cert_headers = Counter(
             "pdp_untrusted_cert_headers", "Certificate headers ignored because the peer is not a trusted proxy.",
             registry=self.registry)
+        self.introspection_auth_failures = Counter(
+            "pdp_introspection_auth_failures",
+            "Refused client authentications at the introspection endpoint: 'invalid' credentials, or 'locked' "
+            "(refused unseen during a lock-out).", ["result"], registry=self.registry)
+        self.introspection_lockouts = Counter(
+            "pdp_introspection_lockouts", "Lock-outs after too many failed client secrets, by 'source' or 'client'.",
+            ["scope"], registry=self.registry)
         self.policy_info = Gauge("pdp_policy_info", "The policy version in force.", ["version", "engine"],
                                  registry=self.registry)
 

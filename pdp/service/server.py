@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,11 +50,13 @@ from pdp.errors import Denied, NeedsNetwork
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, Via
+from pdp.service.brute_force import FailureLimiter
 from pdp.service.decision_log import setup_logging
 from pdp.service.grpc_listener import GrpcListener
 from pdp.service.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
 from pdp.service.metrics import CONTENT_TYPE, Metrics
 from pdp.service.reloader import Reloader, Watched
+from pdp.store import MemoryStore, SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("pdp")
 
@@ -64,12 +66,18 @@ Fetch = Callable[[str], bytes]
 class Service:
     """The assembled decision point plus what keeps it current."""
 
-    def __init__(self, config: Config, *, fetch: Fetch | None = None) -> None:
+    def __init__(self, config: Config, *, fetch: Fetch | None = None, store: Store | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.keys = build_key_sources(config, fetch)
         self.pdp: Pdp = build_pdp(config, keys=self.keys, sinks=(self.metrics.observe,),
-                                  on_untrusted=self._untrusted_header)
+                                  on_untrusted=self._untrusted_header, store=store)
+        # Failed introspection secrets are counted in the shared store; kept in this process, they get a
+        # store of their own, so a flood of failures cannot fill the DPoP replay store (nor the reverse).
+        lockout = config.introspection.lockout
+        self.introspection_limiter = FailureLimiter(
+            lockout, MemoryStore(lockout.max_tracked) if isinstance(self.pdp.store, MemoryStore) else self.pdp.store,
+            on_lockout=lambda scope: self.metrics.introspection_lockouts.labels(scope).inc())
         self.metrics.set_policy(self.pdp.policy.version, config.policy.engine)
         self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
         self._stop = threading.Event()
@@ -219,34 +227,48 @@ class Service:
         return uvicorn.Config(self.asgi_app(), host=host, port=port, **uvicorn_options(self.config), **options)
 
     async def introspection(self, request: Request) -> Response:
-        """RFC 7662: authenticate the caller as an introspection client, then answer for the token."""
-        now = time.time()
+        """RFC 7662: authenticate the caller as an introspection client, then answer for the token.
+        No answer, refusals included, may be cached (RFC 6749 §5.1)."""
+        no_store = {"cache-control": "no-store", "pragma": "no-cache"}
+
+        def refuse(status: int, error: str, **headers: str) -> Response:
+            return JSONResponse({"error": error}, status_code=status, headers={**no_store, **headers})
+
         clients = {c.client_id: c for c in self.config.introspection.clients}
+        peer = request.client.host if request.client else ""
         try:
-            client = introspection.basic_client(request.headers.get("authorization"), clients)
+            client = await run_in_threadpool(introspection.basic_client, request.headers.get("authorization"),
+                                             clients, limiter=self.introspection_limiter, source=peer)
             if client is None:
-                identity = await run_in_threadpool(self._caller_identity, request, now)
+                identity = await run_in_threadpool(self._caller_identity, request, time.time())
                 if identity is None:
                     raise introspection.ClientAuthError("no client authentication")
                 pinned = any(b.name == identity.trust_bundle and b.trust_domain
                              for b in self.pdp.certificates.bundles)
                 client = introspection.certificate_client(identity, clients, pinned=pinned)
+        except introspection.LockedOut as exc:
+            self.metrics.introspection_auth_failures.labels("locked").inc()
+            log.info("introspection refused from %s: %s", peer, exc)
+            return refuse(429, "invalid_client", **{"retry-after": str(math.ceil(exc.retry_after))})
         except introspection.ClientAuthError as exc:
-            log.info("introspection refused: %s", exc)
-            return JSONResponse({"error": "invalid_client"}, status_code=401,
-                                headers={"www-authenticate": 'Basic realm="pdp"', "cache-control": "no-store"})
+            self.metrics.introspection_auth_failures.labels("invalid").inc()
+            log.info("introspection refused from %s: %s", peer, exc)
+            return refuse(401, "invalid_client", **{"www-authenticate": 'Basic realm="pdp"'})
+        except StoreUnavailable as exc:
+            log.warning("introspection refused: failed attempts cannot be counted: %s", exc)
+            return refuse(503, "temporarily_unavailable")
         if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
-            return JSONResponse({"error": "invalid_request"}, status_code=400)
+            return refuse(400, "invalid_request")
         try:
-            body = await _read_body(request, 64 * 1024)
-            form = {k: v for k, v in urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)}
-        except (_TooLarge, UnicodeDecodeError, ValueError):
-            return JSONResponse({"error": "invalid_request"}, status_code=400)
+            form = introspection.read_form(await _read_body(request, 64 * 1024))
+        except (_TooLarge, ValueError):
+            return refuse(400, "invalid_request")
         if not form.get("token"):
-            return JSONResponse({"error": "invalid_request"}, status_code=400)
-        answer = await run_in_threadpool(introspection.introspect, self.pdp, form, now)
+            return refuse(400, "invalid_request")
+        answer = await run_in_threadpool(introspection.introspect, self.pdp, form["token"], client,
+                                         leeway=self.config.introspection.leeway)
         log.info("introspection by %s: active=%s", client.client_id, answer["active"])
-        return JSONResponse(answer, headers={"cache-control": "no-store"})
+        return JSONResponse(answer, headers=no_store)
 
     def _caller_identity(self, request: Request, now: float) -> CertIdentity | None:
         """The caller's verified certificate: from pdp's mutual-TLS listener or a trusted proxy's header."""
@@ -315,14 +337,19 @@ WORKER_CONFIG_ENV = "PDP_WORKER_CONFIG"
 
 def worker_app() -> Any:
     """The app of one ``pdp serve --workers N`` process: its own Service (and gRPC listener, sharing
-    the port with SO_REUSEPORT), built from the config the parent handed over in the environment."""
+    the port with SO_REUSEPORT), built from the config the parent handed over in the environment, with
+    the state the workers must share: the DPoP nonce secret and, without ``store.url``, the store."""
     from pdp.config import load_config
 
     spec = json.loads(os.environ[WORKER_CONFIG_ENV])
     setup_logging(spec["log_level"])
     config = load_config(Path(spec["config"])) if spec["config"] else Config.defaults()
     server = dataclasses.replace(config.server, http=spec["http"], grpc=spec["grpc"], grpc_reuse_port=True)
-    return Service(dataclasses.replace(config, server=server)).asgi_app()
+    # One nonce secret for all workers, drawn by the parent unless configured: a DPoP nonce issued by one
+    # worker is good at every other. Without store.url, the parent's SQLite file is the shared store.
+    dpop = dataclasses.replace(config.dpop, nonce_secret=bytes.fromhex(spec["nonce_secret"]))
+    store = SqliteStore(Path(spec["store"])) if spec.get("store") else None
+    return Service(dataclasses.replace(config, server=server, dpop=dpop), store=store).asgi_app()
 
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
