@@ -53,6 +53,10 @@ _AMBIGUOUS_PATH = re.compile(
     r"|%(?:2[dDeEfF]|3[0-9bB]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])")
 
 
+#: Headers named so are pdp's to set: a client's own never reach the upstream.
+PDP_HEADER_PREFIX = "x-pdp-"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamHeaders:
     """Names of the headers pdp adds to an allowed request ("" leaves one out)."""
@@ -134,7 +138,7 @@ class Pdp:
             trace.token = self._credential(request, trace, network)
             binding = self._binding(request, trace)
             outcome = self._policy(policy, request, trace, binding)
-            decision = self._decision(decision_id, outcome, trace)
+            decision = self._decision(decision_id, request, outcome, trace)
         except NeedsNetwork:
             raise
         except Denied as denied:
@@ -282,7 +286,7 @@ class Pdp:
         return outcome
 
     # -- 5. decision
-    def _decision(self, decision_id: str, outcome: PolicyOutcome, trace: _Trace) -> Decision:
+    def _decision(self, decision_id: str, request: CheckRequest, outcome: PolicyOutcome, trace: _Trace) -> Decision:
         if not outcome.allowed:
             reason = reasons.by_code(outcome.reason or "policy_denied")
             if reason.status < 400:  # a deny that names a success ("allowed") is still a deny
@@ -301,9 +305,11 @@ class Pdp:
         upstream.update(outcome.headers)
         upstream = {k: _header_value(v) for k, v in upstream.items()}
         # pdp's own header names never pass from the client: the ones this decision does not set are
-        # removed (a client's 'x-pdp-subject' must not reach the upstream on a token without 'sub').
+        # removed (a client's 'x-pdp-subject' must not reach the upstream on a token without 'sub'), and
+        # so is every 'x-pdp-*' the client sent (a policy may set 'x-pdp-tenant' on some requests only).
         remove = list(outcome.headers_to_remove)
-        remove += [n for n in s.upstream.names() if n not in upstream and n not in remove]
+        own = [*s.upstream.names(), *(n for n in request.headers if n.startswith(PDP_HEADER_PREFIX))]
+        remove += [n for n in dict.fromkeys(own) if n not in upstream and n not in remove]
         if s.remove_authorization:
             remove += [h for h in ("authorization", "dpop") if h not in remove and h not in upstream]
         reason_code = outcome.reason or reasons.ALLOWED.code

@@ -122,6 +122,9 @@ class RequestReader:
         family = FORWARDED.get(self.gateway.forwarded_request)
         #: The gateway's original-request headers: one line each (a target may itself hold ',').
         self._family: frozenset[str] = frozenset(h for h in family if h) if family else frozenset()
+        #: The certificate header: one line (a list format such as XFCC holds its elements in that line;
+        #: two lines would let an upstream that reads the first see another certificate than pdp).
+        self._certificate_line: frozenset[str] = frozenset({certs.header}) if certs is not None else frozenset()
 
     def trusts(self, peer: str, caller_names: frozenset[str]) -> bool:
         certs = self.gateway.certificate_headers
@@ -131,7 +134,8 @@ class RequestReader:
         trusted = self.trusts(raw.peer_address, raw.caller_names)
         subrequest = raw.via is Via.SUBREQUEST
         forwarded = subrequest and trusted and bool(self._family)
-        headers = _headers(raw.headers, self._single_valued, self._family if forwarded else frozenset())
+        single_line = (self._family if forwarded else frozenset()) | self._certificate_line
+        headers = _headers(raw.headers, self._single_valued, single_line)
         method, target = raw.method, raw.target
         host = raw.host if raw.host is not None else headers.get("host", headers.get(":authority", ""))
         if raw.host is None and "host" in headers and ":authority" in headers \

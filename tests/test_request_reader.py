@@ -93,6 +93,16 @@ def test_a_single_valued_certificate_header_is_a_singleton(pki: Pki) -> None:
     refused(r, raw(headers=(("ssl-client-cert", value), ("ssl-client-cert", value)), peer_address=PROXY))
 
 
+def test_two_lines_of_a_list_certificate_header_are_refused(pki: Pki) -> None:
+    """XFCC holds its elements in one line; with two lines an upstream reading the first would see
+    another certificate than pdp, which reads the last element."""
+    value = xfcc(pki.client.pem)
+    refused(reader(), raw(headers=(("x-forwarded-client-cert", value), ("X-Forwarded-Client-Cert", value)),
+                          peer_address=PROXY))
+    one_line = reader().read(raw(headers=(("x-forwarded-client-cert", f"{value},{value}"),), peer_address=PROXY))
+    assert one_line.client_cert_chain[0] == pki.client.der
+
+
 # -- method and target
 
 def test_method_is_compared_upper_cased() -> None:

@@ -17,7 +17,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from pdp import reasons
 from pdp.adapters import http_authz, introspection
@@ -308,8 +308,8 @@ class Service:
         return Starlette(
             routes=[
                 *extra,
-                Route(prefix, self.ext_authz, methods=_ALL_METHODS),
-                Route(prefix + "/{rest:path}", self.ext_authz, methods=_ALL_METHODS),
+                Route(prefix, _AnyMethod(self.ext_authz)),
+                Route(prefix + "/{rest:path}", _AnyMethod(self.ext_authz)),
                 Route("/v1/check", self.check, methods=["POST"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
@@ -326,7 +326,11 @@ def _listing(path: Path) -> Callable[[], list[Path]]:
 def uvicorn_options(config: Config) -> dict[str, Any]:
     """uvicorn settings every pdp HTTP listener uses. proxy_headers is off: trusted-proxy decisions are
     made on the transport peer, which an X-Forwarded-For header from a local caller must not rewrite."""
-    options: dict[str, Any] = {"access_log": False, "lifespan": "on", "proxy_headers": False}
+    # h11 refuses a request head past its buffer with a bare 400 (16 KiB by default, depending on how
+    # the bytes arrive): let through every head pdp's own limits judge, so the caller gets their reason.
+    head = config.decision.max_header_bytes + config.decision.max_path_bytes + 16 * 1024
+    options: dict[str, Any] = {"access_log": False, "lifespan": "on", "proxy_headers": False,
+                               "h11_max_incomplete_event_size": head}
     if config.server.tls is not None:
         options.update(uvicorn_ssl_options(config.server.tls), **tls_protocols())
     return options
@@ -352,7 +356,15 @@ def worker_app() -> Any:
     return Service(dataclasses.replace(config, server=server, dpop=dpop), store=store).asgi_app()
 
 
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+class _AnyMethod:
+    """An endpoint for every method, as received: an auth sub-request carries the original request's
+    method (``PROPFIND``, ``get``), which the one reader judges; the router must not answer 405 first."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self._app = request_response(endpoint)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
 
 
 class _TooLarge(Exception):
