@@ -34,7 +34,6 @@ from pdp.adapters import http_authz, introspection
 from pdp.adapters.asgi import scope_to_raw
 from pdp.adapters.json_check import RequestDocumentError, parse_request, render
 from pdp.assemble import (
-    build_certificate_headers,
     build_key_sources,
     build_pdp,
     load_jwks_file,
@@ -83,7 +82,6 @@ class Service:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self.grpc: GrpcListener | None = None
-        self.cert_headers = build_certificate_headers(config)
 
     # -- keeping current
     def _watched(self) -> list[Watched]:
@@ -271,19 +269,18 @@ class Service:
         return JSONResponse(answer, headers=no_store)
 
     def _caller_identity(self, request: Request, now: float) -> CertIdentity | None:
-        """The caller's verified certificate: from pdp's mutual-TLS listener or a trusted proxy's header."""
+        """The caller's verified certificate: from pdp's mutual-TLS listener or a trusted proxy's header,
+        read by the one reader, as on every other entry point."""
         tls = request.scope.get("extensions", {}).get("tls") or {}
-        chain: tuple[bytes, ...] = ()
-        if tls.get("client_cert_der"):
-            chain = (tls["client_cert_der"],)
-        elif self.cert_headers is not None:
-            peer = request.client.host if request.client else ""
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            chain = self.cert_headers.read(peer, headers, caller_names(None)).chain
-        if not chain:
-            return None
+        raw = scope_to_raw(request.scope, via=Via.DIRECT, now=now, caller_names=caller_names(
+            tls.get("client_cert_der")))
         try:
-            return self.pdp.certificates.verify(chain, now)
+            read = self.pdp.reader.read(raw)
+            if read.client_cert_error is not None:
+                raise Denied(reasons.CERT_MALFORMED, read.client_cert_error)
+            if not read.client_cert_chain:
+                return None
+            return self.pdp.certificates.verify(read.client_cert_chain, now)
         except Denied as exc:
             raise introspection.ClientAuthError(f"client certificate refused: {exc.reason.code}") from exc
 
