@@ -230,7 +230,7 @@ ROWS: tuple[Row, ...] = (
         headers=(("authorization", Token("expired")),), cert="client",
         why="a presented credential that fails is denied whatever the path"),
 
-    # -- method case (issue 7, defect 5)
+    # -- method case: methods are compared upper-cased everywhere
     bound("lower_case_get_on_a_method_specific_route", deny("insufficient_scope"), method="get", target="/reports"),
     bound("mixed_case_get_on_a_method_specific_route", deny("insufficient_scope"), method="Get", target="/reports"),
     bound("lower_case_post_needs_the_write_scope", deny("insufficient_scope"), method="post",
@@ -244,7 +244,7 @@ ROWS: tuple[Row, ...] = (
     Row("upper_case_encoded_dot_dot_segment", INVALID, target="/public/%2E%2E/admin"),
     Row("half_encoded_dot_dot_segment", INVALID, target="/public/.%2e/admin"),
     Row("dot_segment", INVALID, target="/public/./x"),
-    Row("encoded_slash", INVALID, target="/public%2Fx", why="issue 7, defect 2"),
+    Row("encoded_slash", INVALID, target="/public%2Fx", why="HTTP ext_authz once judged the decoded path"),
     Row("lower_case_encoded_slash", INVALID, target="/public%2fadmin"),
     Row("dot_dot_then_encoded_slash", INVALID, target="/public/..%2fadmin"),
     Row("encoded_backslashes", INVALID, target="/public%5C..%5Cadmin"),
@@ -264,11 +264,11 @@ ROWS: tuple[Row, ...] = (
 
     # -- repeated headers: a singleton twice is refused
     bound("two_authorization_headers", INVALID, headers=(("authorization", Token("other")), AUTH),
-          why="issue 7, defect 3: only the last was verified, the upstream got both"),
+          why="once only the last was verified while the upstream got both"),
     bound("the_same_authorization_twice", INVALID, headers=(AUTH, AUTH)),
     bound("authorization_in_two_cases", INVALID, headers=(("Authorization", Token("client")), AUTH)),
     dpop("two_dpop_proofs", INVALID, headers=(DPOP_AUTH, ("dpop", Proof()), ("dpop", Proof())),
-         why="RFC 9449 §4.3: not more than one DPoP header (issue 7, defect 3)"),
+         why="RFC 9449 §4.3: not more than one DPoP header"),
     bound("two_host_headers", INVALID, hosts=("api.test", "evil.test"), transport_refusal=True),
     bound("certificate_header_twice", INVALID, cert_lines=2, only=CERT_HEADER_READERS),
     bound("original_target_header_twice", INVALID, forwarded_twice="/public/x", only=FORWARDED_READERS),
@@ -285,7 +285,7 @@ ROWS: tuple[Row, ...] = (
     Row("untrusted_peer_on_a_public_path", PUBLIC, target="/public/x", trusted=False),
     bound("forged_x_forwarded_for", deny("binding_cert_missing"), trusted=False,
           headers=(AUTH, ("x-forwarded-for", "127.0.0.1"), ("x-real-ip", "127.0.0.1"))),
-    # -- XFCC from the trusted proxy but not written by it (gateway.xfcc_by; issue 7, defect 1)
+    # -- XFCC from the trusted proxy but not written by it (gateway.xfcc_by)
     bound("xfcc_element_without_by", deny("cert_malformed"), cert_form="no_by", only=XFCC_READERS),
     bound("xfcc_element_by_another_proxy", deny("cert_malformed"), cert_form="other_by", only=XFCC_READERS),
     bound("xfcc_client_element_before_the_gateways", deny("binding_mismatch"), cert_form="client_first",
@@ -311,7 +311,7 @@ ROWS: tuple[Row, ...] = (
     bound("over_200_headers", TOO_LARGE, headers=(AUTH, *((f"x-h{i}", "v") for i in range(250)))),
     bound("a_64_kib_header", TOO_LARGE, headers=(AUTH, ("x-big", "b" * (64 * 1024))), transport_refusal=True),
     bound("grpc_request_over_4_mib", TOO_LARGE, headers=(AUTH, ("x-big", "c" * (5 * 1024 * 1024))),
-          only=GRPC_ONLY, why="issue 7, defect 4: a deny, not RESOURCE_EXHAUSTED"),
+          only=GRPC_ONLY, why="a deny, not RESOURCE_EXHAUSTED"),
 
     # -- DPoP (RFC 9449)
     dpop("dpop_bound_token_with_its_proof", ALLOWED, upstream=(("dpop", None), ("authorization", None))),
