@@ -57,7 +57,7 @@ def parse_request(doc: Any, *, now: float, peer_address: str = "") -> RawRequest
         raise RequestDocumentError("the request document must be a JSON object")
     unknown = set(doc) - _FIELDS
     if unknown:
-        raise RequestDocumentError(f"unknown fields: {', '.join(sorted(str(u)[:32] for u in unknown))}")
+        raise RequestDocumentError(f"unknown fields: {', '.join(sorted(repr(str(u)[:32]) for u in unknown))}")
     chain: tuple[bytes, ...] = ()
     cert_error: str | None = None
     pem = doc.get("client_cert")

@@ -48,9 +48,12 @@ _CREDENTIAL = re.compile(r"(?:Bearer|DPoP) +([A-Za-z0-9\-._~+/]+=*)", re.IGNOREC
 # A path the upstream may read differently from the policy: dot segments, empty segments,
 # backslashes, control characters, ';' path parameters (some servers strip them: '/admin;/x'),
 # and percent-encoded unreserved characters, slashes, backslashes or semicolons.
+# Percent-encoded control characters and byte sequences no UTF-8 decoder may accept (overlong forms
+# such as '%C0%AE' for '.', which lenient decoders still turn into a dot) are refused too.
 _AMBIGUOUS_PATH = re.compile(
     r"//|/\.\.?(?:/|$)|\\|;|[\x00-\x20\x7f]"
-    r"|%(?:2[dDeEfF]|3[0-9bB]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])")
+    r"|%(?:2[dDeEfF]|3[0-9bB]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])"
+    r"|%(?:[01][0-9a-fA-F]|7[fF]|[cC][01]|[fF][5-9a-fA-F])|%[eE]0%[89][0-9a-fA-F]|%[fF]0%8[0-9a-fA-F]")
 
 
 #: Headers named so are pdp's to set: a client's own never reach the upstream.
@@ -201,7 +204,7 @@ class Pdp:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"path of {len(request.path)} bytes")
         if not request.method or not request.path.startswith("/"):
             raise Denied(reasons.REQUEST_INVALID, "method or path missing")
-        if request.host and _HOST.fullmatch(request.host) is None:
+        if request.host and (_HOST.fullmatch(request.host) is None or _port(request.host) > 65535):
             # The host names the target URI (DPoP htu is rebuilt from it): only a host and a port.
             raise Denied(reasons.REQUEST_INVALID, "the host is not a host name, address or port")
         if "#" in request.path:
@@ -308,7 +311,9 @@ class Pdp:
         # removed (a client's 'x-pdp-subject' must not reach the upstream on a token without 'sub'), and
         # so is every 'x-pdp-*' the client sent (a policy may set 'x-pdp-tenant' on some requests only).
         remove = list(outcome.headers_to_remove)
-        own = [*s.upstream.names(), *(n for n in request.headers if n.startswith(PDP_HEADER_PREFIX))]
+        # 'x_pdp_subject' too: CGI, WSGI and Rack upstreams read '_' and '-' in a name alike.
+        own = [*s.upstream.names(),
+               *(n for n in request.headers if n.replace("_", "-").startswith(PDP_HEADER_PREFIX))]
         remove += [n for n in dict.fromkeys(own) if n not in upstream and n not in remove]
         if s.remove_authorization:
             remove += [h for h in ("authorization", "dpop") if h not in remove and h not in upstream]
@@ -367,6 +372,12 @@ def _header_value(value: str) -> str:
     if value.isascii() and value.isprintable():
         return value
     return urllib.parse.quote(value, safe="".join(chr(c) for c in range(0x20, 0x7f)))
+
+
+def _port(host: str) -> int:
+    """The port of a host that matched ``_HOST`` (0 when it names none)."""
+    head, sep, port = host.rpartition(":")
+    return int(port) if sep and not head.endswith(":") and port.isdigit() and "]" not in port else 0
 
 
 def _byte_length(text: str) -> int:

@@ -131,6 +131,7 @@ class RequestReader:
         return certs is not None and certs.trusts(peer, caller_names)
 
     def read(self, raw: RawRequest) -> CheckRequest:
+        _check_text(raw)
         trusted = self.trusts(raw.peer_address, raw.caller_names)
         subrequest = raw.via is Via.SUBREQUEST
         forwarded = subrequest and trusted and bool(self._family)
@@ -147,12 +148,19 @@ class RequestReader:
             scheme = "https"
         if forwarded:
             method_h, uri_h, host_h, proto_h = FORWARDED[self.gateway.forwarded_request]
-            method = headers.get(method_h) or method
-            target = headers.get(uri_h) or target
+            # The gateway names the original request: without its target (or with an empty one) there is
+            # nothing to judge, and the sub-request's own path is not the client's. nginx's sub-request
+            # keeps the original method, so only there may the method header be left out.
+            if not headers.get(uri_h):
+                raise Denied(reasons.REQUEST_INVALID, f"the gateway sent no {uri_h}")
+            if method_h in headers or self.gateway.forwarded_request != "nginx":
+                method = headers.get(method_h, "")
+            target = headers[uri_h]
             if host_h and host_h in headers:
                 host = headers[host_h]
             if proto_h and proto_h in headers:
-                scheme = headers[proto_h].lower()
+                scheme = headers[proto_h]
+        scheme = scheme.lower()
         if not _TOKEN.fullmatch(method):
             raise Denied(reasons.REQUEST_INVALID, "the method is not an HTTP token")
         if scheme not in ("http", "https"):
@@ -184,6 +192,19 @@ class RequestReader:
             # The TLS peer is the gateway: its certificate names the proxy, not the client.
             return (), None
         return raw.client_chain, raw.client_chain_error
+
+
+def _check_text(raw: RawRequest) -> None:
+    """Every text the request carries must be encodable as UTF-8: a lone surrogate (a JSON document may
+    hold "\\ud800") is no character of any request, and must never reach a policy engine."""
+    texts = [raw.method, raw.target, raw.host or "", raw.scheme, raw.source_address or "", raw.protocol]
+    texts += [part for line in raw.headers for part in line]
+    for text in texts:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Denied(reasons.REQUEST_INVALID, "the request holds text that is not Unicode") from None
 
 
 def _headers(lines: tuple[tuple[str, str], ...], single_valued: frozenset[str],

@@ -20,8 +20,9 @@
 #
 # input.path is the request path without query string (a pdp addition to the
 # opa-envoy-plugin input; attributes.request.http.path keeps the query). pdp refuses
-# paths that are not in normal form (dot segments, "//", needless percent-encoding)
-# before the policy runs, so prefix matching here cannot be escaped.
+# paths that are not in normal form (dot segments, "//", needless percent-encoding,
+# encoded control characters, overlong UTF-8) before the policy runs, so prefix matching
+# here cannot be escaped with them; route prefixes match regardless of case.
 package pdp.authz
 
 import rego.v1
@@ -63,9 +64,11 @@ trust_domain_allowed if input.cert.trust_domain in config.allowed_trust_domains
 
 # The routes that apply to this request (their rules are rules of every route, so all must hold).
 # A prefix matches on segment boundaries: "/admin" covers "/admin" and "/admin/x", not "/administrator".
+# Routes restrict, so they match regardless of case: an upstream that routes case-insensitively serves
+# "/Admin/users" as "/admin/users", and the admin rules must apply. (Public paths, which open, match exactly.)
 matching_routes := [route |
 	some route in config.routes
-	startswith(concat("", [input.path, "/"]), concat("", [trim_suffix(route.prefix, "/"), "/"]))
+	startswith(lower(concat("", [input.path, "/"])), lower(concat("", [trim_suffix(route.prefix, "/"), "/"])))
 	input.attributes.request.http.method in object.get(route, "methods", [input.attributes.request.http.method])
 ]
 

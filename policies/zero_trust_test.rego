@@ -123,3 +123,15 @@ test_a_longer_segment_is_not_under_the_prefix if {
 	r := data.pdp.authz.result with input as req("GET", "/administrator", cert, token(["read"]), bound)
 	r.allowed
 }
+
+test_routes_match_regardless_of_case if {
+	r := data.pdp.authz.result with input as req("GET", "/Admin/users", cert, token(["read"]), bound)
+	not r.allowed
+	r.reason == "spiffe_id_denied"
+}
+
+test_public_paths_match_exactly if {
+	r := data.pdp.authz.result with input as req("GET", "/PUBLIC/x", no_cert, no_token, unbound)
+	not r.allowed
+	r.reason == "cert_required"
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gc
 import json
 import logging
@@ -718,3 +719,25 @@ def test_a_policy_deny_never_renders_as_a_success(make_pdp: Any, policy_dir: Any
     decision = pdp.decide(check_request())
     assert not decision.allowed
     assert decision.status == 403 and decision.reason == "policy_denied"
+
+
+@pytest.mark.parametrize("path", ["/public/%C0%AE%C0%AE/admin", "/admin%00", "/a%1fb", "/x%7F", "/x%E0%80%AE",
+                                  "/x%F0%80%80%AE", "/x%F5%80"])
+def test_encoded_control_characters_and_overlong_utf8_are_refused(make_pdp: Any, path: str) -> None:
+    """Lenient decoders turn '%C0%AE' into '.', and some servers truncate at '%00'."""
+    decision = make_pdp().decide(check_request(path=path))
+    assert decision.reason == "request_invalid"
+
+
+@pytest.mark.parametrize("host", ["api.example.org:99999", "api.example.org:65536"])
+def test_a_port_past_65535_is_no_port(make_pdp: Any, host: str) -> None:
+    request = dataclasses.replace(check_request(path="/public/x"), host=host)
+    assert make_pdp().decide(request).reason == "request_invalid"
+
+
+def test_underscore_spellings_of_pdp_headers_never_reach_the_upstream(make_pdp: Any, pki: Any, issuer: Any) -> None:
+    """CGI, WSGI and Rack read 'X_Pdp_Subject' as 'X-Pdp-Subject'."""
+    decision = make_pdp().decide(check_request(chain=pki.chain(), token=bound_token(issuer, pki.client),
+                                               headers={"x_pdp_subject": "root", "x_pdp-spiffe_id": "spiffe://x/y"}))
+    assert decision.allowed
+    assert {"x_pdp_subject", "x_pdp-spiffe_id"} <= set(decision.headers_to_remove)

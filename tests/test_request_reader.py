@@ -142,8 +142,8 @@ def test_nginx_original_request_headers_only_from_a_trusted_proxy() -> None:
 
 def test_only_the_configured_gateways_family_is_read() -> None:
     r = reader(forwarded="nginx")
-    request = r.read(raw(headers=(("x-forwarded-uri", "/admin"), ("x-forwarded-method", "DELETE")),
-                         peer_address=PROXY))
+    request = r.read(raw(headers=(("x-forwarded-uri", "/admin"), ("x-forwarded-method", "DELETE"),
+                                  ("x-original-uri", "/orders")), peer_address=PROXY))
     assert (request.method, request.path) == ("GET", "/orders")
 
 
@@ -220,3 +220,62 @@ def test_a_gateways_own_tls_certificate_is_never_taken_for_the_clients(pki: Pki)
 def test_the_result_is_a_check_request_with_the_source_address() -> None:
     request = RequestReader().read(raw(Via.DOCUMENT, target="/", peer_address="127.0.0.1", source_address="10.1.1.1"))
     assert isinstance(request, CheckRequest) and request.source_address == "10.1.1.1"
+
+
+# -- text that is not Unicode, and gateways that do not name the request
+
+@pytest.mark.parametrize("where", ["target", "header value", "header name", "host", "source", "protocol", "method"])
+def test_a_lone_surrogate_anywhere_is_refused_before_any_engine_sees_it(where: str) -> None:
+    """A JSON document can carry "\\ud800"; regorus dies converting such a string."""
+    bad = "\ud800"
+    kw: dict[str, Any] = {"target": "/orders"}
+    if where == "target":
+        kw["target"] = f"/orders{bad}"
+    elif where == "header value":
+        kw["headers"] = (("x-a", bad),)
+    elif where == "header name":
+        kw["headers"] = ((f"x-{bad}", "1"),)
+    elif where == "host":
+        kw["host"] = f"a{bad}.example"
+    elif where == "source":
+        kw["source_address"] = bad
+    elif where == "protocol":
+        kw["protocol"] = bad
+    else:
+        kw["method"] = f"GET{bad}"
+    assert "not Unicode" in refused(RequestReader(), raw(Via.DOCUMENT, **kw))
+
+
+def test_a_lone_surrogate_in_a_check_document_is_a_deny_and_pdp_lives(make_pdp: Any) -> None:
+    from pdp.adapters.json_check import parse_request
+
+    pdp = make_pdp()
+    doc = {"method": "GET", "path": "/public/x", "headers": {"x-a": "\ud800"}}
+    decision = pdp.check(parse_request(doc, now=NOW))
+    assert (decision.allowed, decision.reason) == (False, "request_invalid")
+    assert pdp.check(parse_request({"method": "GET", "path": "/public/x"}, now=NOW)).allowed
+
+
+@pytest.mark.parametrize("forwarded", ["nginx", "traefik"])
+def test_a_trusted_gateway_that_names_no_target_is_refused(forwarded: str) -> None:
+    """Falling back to the sub-request's own path would judge a request nobody sent."""
+    uri = "x-original-uri" if forwarded == "nginx" else "x-forwarded-uri"
+    method = "x-original-method" if forwarded == "nginx" else "x-forwarded-method"
+    r = reader(forwarded=forwarded)
+    refused(r, raw(target="/ext_authz/public/info", peer_address=PROXY))
+    refused(r, raw(target="/ext_authz/public/info", headers=((uri, ""), (method, "GET")), peer_address=PROXY))
+    refused(r, raw(target="/ext_authz/public/info", headers=((uri, "/admin"), (method, "")), peer_address=PROXY))
+
+
+def test_nginx_keeps_the_original_method_on_its_sub_request() -> None:
+    request = reader(forwarded="nginx").read(raw(method="DELETE", headers=(("x-original-uri", "/admin"),),
+                                                 peer_address=PROXY))
+    assert (request.method, request.path) == ("DELETE", "/admin")
+
+
+def test_traefik_must_name_the_method() -> None:
+    refused(reader(forwarded="traefik"), raw(headers=(("x-forwarded-uri", "/admin"),), peer_address=PROXY))
+
+
+def test_the_scheme_is_compared_lower_cased() -> None:
+    assert RequestReader().read(raw(Via.DOCUMENT, target="/", scheme="HTTPS")).scheme == "https"

@@ -56,6 +56,10 @@ def test_check_denies_a_token_bound_to_another_certificate(write_setup, pki, iss
     (b'{"method": 7, "path": "/"}', "request_invalid", 400),
     (b'{"method": "GET", "path": "/", "headers": {"x": {"nested": 1}}}', "request_invalid", 400),
     (b"\xff\xfe\x00garbage", "request_invalid", 400),
+    # A lone surrogate is no character: in a member name it once made the answer unwritable (a 500), in a
+    # header value it once crashed the policy engine and the whole process.
+    (b'{"\\ud800": 1}', "request_invalid", 400),
+    (b'{"method": "GET", "path": "/public/x", "headers": {"x-a": "\\ud800"}}', "request_invalid", 200),
 ])
 def test_unreadable_request_documents_get_a_deny_document(write_setup, content, reason, status):
     with serve_pdp(load_config(write_setup())) as (url, _):

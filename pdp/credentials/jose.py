@@ -61,6 +61,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def unicode_text(value: Any) -> bool:
+    """Whether every string in a JSON value is Unicode text: a lone surrogate, which a JSON escape can
+    produce, is none, and would crash or confuse what reads it next (a policy engine, an encoder)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def json_object(data: bytes | str) -> dict[str, Any]:
     """Parse a JSON object, refusing duplicate members, NaN/Infinity, overflowing numbers,
     text that is not UTF-8 (RFC 8259 §8.1) and non-object values."""
@@ -78,4 +91,6 @@ def json_object(data: bytes | str) -> dict[str, Any]:
         raise DecodeError("not valid JSON") from exc
     if not isinstance(value, dict):
         raise DecodeError("not a JSON object")
+    if "\\u" in data and _SURROGATE_ESCAPE.search(data) and not unicode_text(value):
+        raise DecodeError("a string holds a lone surrogate (\\ud800-\\udfff), which is no character")
     return value

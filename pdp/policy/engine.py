@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pdp.credentials.jose import unicode_text
 from pdp.errors import LoadError
 
 ENGINES = ("regopy", "regorus")
@@ -117,6 +118,8 @@ def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str
             raise LoadError(file_key, f"data document {str(f)!r} is not readable JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise LoadError(file_key, f"data document {str(f)!r} is not a JSON object")
+        if not unicode_text(doc):
+            raise LoadError(file_key, f"data document {str(f)!r} holds a lone surrogate (\\ud800-\\udfff)")
         _merge(data, doc, repr(str(f)), origin, file_key)
     if not modules:
         raise LoadError(key, "no .rego modules found")

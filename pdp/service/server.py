@@ -177,12 +177,12 @@ class Service:
         except _TooLarge:
             decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document too large",
                                        _unreadable(now, peer))
-            return JSONResponse(render(decision), status_code=413)
+            return _Answer(render(decision), status_code=413)
         except (ValueError, RecursionError, RequestDocumentError) as exc:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
-            return JSONResponse(render(decision), status_code=400)
-        return JSONResponse(render(await self._check(raw)))
+            return _Answer(render(decision), status_code=400)
+        return _Answer(render(await self._check(raw)))
 
     async def _check(self, raw: RawRequest) -> Decision:
         try:
@@ -362,6 +362,14 @@ class _AnyMethod:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self._app(scope, receive, send)
+
+
+class _Answer(JSONResponse):
+    """A decision document as ASCII JSON: whatever text a refusal quotes (a lone surrogate in a member
+    name of the request document), the answer can always be written."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class _TooLarge(Exception):
