@@ -39,7 +39,7 @@ def load_policy(config: Config, *, probe: bool = True) -> PolicyEngine:
     bundle: PolicyBundle = load_bundle(p.paths, entrypoint=p.decision, engine=p.engine, data_files=p.data)
     if probe:
         probe_compile(bundle)
-    return PolicyEngine(bundle)
+    return PolicyEngine(bundle, decision_cache_size=p.decision_cache_size)
 
 
 def policy_files(config: Config) -> list[Path]:

@@ -53,6 +53,8 @@ class PolicyConfig:
     paths: tuple[Path, ...] = (DEFAULT_POLICY_DIR,)
     data: tuple[Path, ...] = ()
     decision: str = "pdp/authz/result"
+    #: Outcomes kept by the facts the policy reads (``pdp.policy.decision_cache``); 0 turns the cache off.
+    decision_cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -326,8 +328,9 @@ def _policy(t: _Table, base: Path) -> PolicyConfig:
     paths = tuple(_path(base, p) for p in t.strings("paths")) or PolicyConfig.paths
     data = tuple(_path(base, p) for p in t.strings("data"))
     decision = t.text("decision", PolicyConfig.decision) or PolicyConfig.decision
+    cache = t.integer("decision_cache_size", PolicyConfig.decision_cache_size, minimum=0)
     t.done()
-    return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision)
+    return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision, decision_cache_size=cache)
 
 
 def _certificates(t: _Table, base: Path) -> CertificatesConfig:

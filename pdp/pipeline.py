@@ -280,12 +280,20 @@ class Pdp:
     def _policy(self, policy: PolicyEngine, request: CheckRequest, trace: _Trace,
                 binding: dict[str, Any]) -> PolicyOutcome:
         doc = build_input(request, trace.identity, trace.token, binding)
-        try:
-            outcome = read_outcome(policy.evaluate(doc))
-        except (PolicyEvalError, PolicyResultError) as exc:
-            raise Denied(reasons.POLICY_ERROR, str(exc)) from exc
+        cache = policy.decisions
+        key = cache.key(doc) if cache is not None else ""
+        outcome: PolicyOutcome | None = cache.get(key) if cache is not None else None
+        seen = outcome is not None
+        if outcome is None:
+            try:
+                outcome = read_outcome(policy.evaluate(doc))
+            except (PolicyEvalError, PolicyResultError) as exc:
+                raise Denied(reasons.POLICY_ERROR, str(exc)) from exc
+            if cache is not None:
+                cache.put(key, outcome)
         verdict = "allowed" if outcome.allowed else f"denied ({outcome.reason or 'policy_denied'})"
-        trace.steps.append(Step("policy", outcome.allowed, f"{verdict} by policy {policy.version}"))
+        again = " (the same facts as a decision before)" if seen else ""
+        trace.steps.append(Step("policy", outcome.allowed, f"{verdict} by policy {policy.version}{again}"))
         return outcome
 
     # -- 5. decision

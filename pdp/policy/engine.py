@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from pdp.credentials.jose import unicode_text
 from pdp.errors import LoadError
+from pdp.policy.decision_cache import DecisionCache
 
 ENGINES = ("regopy", "regorus")
 
@@ -153,11 +154,13 @@ def _thread_evaluators() -> dict[str, Evaluator]:
 class PolicyEngine:
     """Evaluates one bundle from any thread, compiling a per-thread evaluator on first use."""
 
-    def __init__(self, bundle: PolicyBundle) -> None:
+    def __init__(self, bundle: PolicyBundle, *, decision_cache_size: int = 0) -> None:
         from pdp.policy.rego import compile_evaluator
 
         self.bundle = bundle
         self.version = bundle.version
+        #: Outcomes by the facts this bundle reads, or None when it reads more (``decision_cache``).
+        self.decisions = DecisionCache.for_modules((source for _, source in bundle.modules), decision_cache_size)
         self._compile = compile_evaluator
         # Compile once here so that a broken bundle fails at load time, not on the first request.
         self._evaluator()
