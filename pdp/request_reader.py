@@ -229,9 +229,10 @@ def _headers(lines: tuple[tuple[str, str], ...], single_valued: frozenset[str],
 
 
 def _strip_prefix(target: str, prefix: str) -> str:
-    """The original target behind an auth sub-request: the part after the prefix, as received."""
+    """The original target behind an auth sub-request: the part after the prefix, as received. Anything
+    else (Envoy sends ``OPTIONS *`` as ``/ext_authz*``) names no request pdp could judge."""
     if target == prefix or target.startswith(prefix + "?"):
         return "/" + target[len(prefix):]
     if target.startswith(prefix + "/"):
         return target[len(prefix):]
-    return target
+    raise Denied(reasons.REQUEST_INVALID, "the sub-request's target is not under the authorization prefix")

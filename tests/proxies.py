@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -252,11 +253,14 @@ class Upstream:
 
 
 def curl(url: str, *, cacert: str, cert: tuple[str, str] | None = None, method: str = "GET",
-         headers: Sequence[tuple[str, str]] = (), http1: bool = False, resolve: str | None = None) -> Reply:
+         headers: Sequence[tuple[str, str]] = (), http1: bool = False, resolve: str | None = None,
+         request_target: str | None = None) -> Reply:
     binary = require_binary("curl")
     argv = [binary, "-sS", "-i", "--path-as-is", "--max-time", "20", "--cacert", cacert, "-X", method]
     if resolve is not None:
         argv += ["--resolve", resolve]
+    if request_target is not None:  # sent as it is instead of the URL's path: "*", an absolute URI
+        argv += ["--request-target", request_target]
     if http1:
         argv.append("--http1.1")
     if cert is not None:
@@ -267,11 +271,15 @@ def curl(url: str, *, cacert: str, cert: tuple[str, str] | None = None, method: 
     done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
     if done.returncode != 0 and not done.stdout:
         return Reply(0, (), b"", done.stderr.decode(errors="replace"))
-    head, _, body = done.stdout.partition(b"\r\n\r\n")
+    return parse_reply(done.stdout, done.stderr.decode(errors="replace"))
+
+
+def parse_reply(answer: bytes, error: str = "") -> Reply:
+    head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     parsed = tuple((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
-    return Reply(status, parsed, body, done.stderr.decode(errors="replace"))
+    return Reply(status, parsed, body, error)
 
 
 # -- one running stack
@@ -292,13 +300,31 @@ class Stack:
         return f"https://localhost:{self.port}"
 
     def request(self, path: str, *, cert: str | None = "client", token: str | None = None, method: str = "GET",
-                headers: Sequence[tuple[str, str]] = (), http1: bool = False) -> Reply:
+                headers: Sequence[tuple[str, str]] = (), http1: bool = False,
+                request_target: str | None = None) -> Reply:
         sent = list(headers)
         if token is not None:
             sent.append(("Authorization", f"Bearer {token}"))
         files = self.setup.cert_files(cert) if cert else None
         return curl(self.url + path, cacert=str(self.setup.directory / "ca.pem"), cert=files, method=method,
-                    headers=sent, http1=http1, resolve=f"localhost:{self.port}:127.0.0.1")
+                    headers=sent, http1=http1, resolve=f"localhost:{self.port}:127.0.0.1",
+                    request_target=request_target)
+
+    def raw(self, request: bytes, *, cert: str | None = "client") -> Reply:
+        """Send ``request`` as it is over TLS (SNI localhost, HTTP/1.1 by ALPN) and read until the proxy
+        closes: what curl will not send, such as a request without any Host."""
+        context = ssl.create_default_context(cafile=str(self.setup.directory / "ca.pem"))
+        context.set_alpn_protocols(["http/1.1"])
+        if cert:
+            context.load_cert_chain(*self.setup.cert_files(cert))
+        answer = b""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=20) as plain, \
+                context.wrap_socket(plain, server_hostname="localhost") as tls:
+            tls.sendall(request)
+            while chunk := tls.recv(65536):
+                answer += chunk
+        assert answer, "the proxy closed without answering"
+        return parse_reply(answer)
 
 
 # -- forged headers: a client's own claims about its certificate, in every format pdp reads
@@ -449,3 +475,58 @@ class ProxyContract:
         assert reply.upstream is None, str(reply)
         assert 400 <= reply.status < 500, str(reply)
         assert reply.json()["reason"] == "request_invalid"
+
+    @pytest.mark.parametrize("http1", [False, True], ids=["http2", "http1.1"])
+    def test_a_host_with_two_values_is_refused(self, stack: Stack, http1: bool) -> None:
+        # A proxy that hands pdp one of the values (HAProxy's req.hdr() takes the last) has pdp judge a
+        # host the upstream never gets alone. Caddy answers 421 itself, pdp request_invalid.
+        for host in (f"admin.internal,localhost:{stack.port}", f"localhost:{stack.port}, admin.internal"):
+            reply = stack.request("/orders", token=stack.setup.token(), headers=[("Host", host)], http1=http1)
+            assert reply.upstream is None, f"{host}: {reply}"
+            assert 400 <= reply.status < 500, f"{host}: {reply}"
+
+    @pytest.mark.parametrize("method", ["GET", "OPTIONS"])
+    def test_an_asterisk_target_never_reaches_the_upstream(self, stack: Stack, method: str) -> None:
+        # pdp must judge the target the upstream gets: "*" is no path, and none may be judged instead.
+        reply = stack.request("", method=method, request_target="*", http1=True,
+                              token=stack.setup.token(scope="read"))
+        assert reply.status != 0, reply.error
+        assert reply.upstream is None, str(reply)
+        assert reply.status < 500, str(reply)
+
+    def test_an_absolute_form_target_reaches_the_upstream_only_as_the_path_pdp_judged(self, stack: Stack) -> None:
+        for target in (f"{stack.url}/orders?page=2", f"{stack.url}/admin/users"):
+            reply = stack.request("", request_target=target, http1=True, token=stack.setup.token(scope="read"))
+            assert reply.status != 0, reply.error
+            seen = reply.upstream
+            if seen is None:
+                assert 400 <= reply.status < 500, f"{target}: {reply}"
+            else:
+                assert target.endswith("/orders?page=2"), f"{target}: {reply}"
+                assert seen.path == "/orders?page=2", f"{target}: {reply}"
+
+    @pytest.mark.parametrize("http1", [False, True], ids=["http2", "http1.1"])
+    def test_header_names_with_an_underscore_never_reach_the_upstream(self, stack: Stack, http1: bool) -> None:
+        # CGI, WSGI, PHP-FPM and Rack read X_Pdp_Subject as X-Pdp-Subject (HTTP_X_PDP_SUBJECT).
+        forged = [(name.replace("-", "_"), value)
+                  for name, value in forged_pdp_headers() + forged_certificate_headers(stack.setup.client)]
+        for cert, path, token in (("client", "/orders", stack.setup.token()), (None, "/public/info", None)):
+            reply = stack.request(path, cert=cert, token=token, headers=forged, http1=http1)
+            seen = reply.upstream
+            assert seen is not None, str(reply)
+            assert [name for name, _ in seen.seen["headers"] if "_" in name] == [], str(reply)
+        # Nor does pdp read them: another client's certificate claimed under those names counts for nothing.
+        other = stack.request("/orders", cert="other", token=stack.setup.token(), headers=forged, http1=http1)
+        assert_denied(other, 401)
+        assert other.json()["reason"] == "binding_mismatch"
+
+    def test_an_http10_request_without_host_gets_pdps_answer_never_a_5xx(self, stack: Stack) -> None:
+        # pdp's own server wants a Host: a sub-request without one is refused before pdp decides.
+        denied = stack.raw(b"GET /orders HTTP/1.0\r\n\r\n")
+        assert denied.upstream is None, str(denied)
+        assert 400 <= denied.status < 500, str(denied)
+        bearer = f"Authorization: Bearer {stack.setup.token()}\r\n".encode()
+        with_token = stack.raw(b"GET /orders HTTP/1.0\r\n" + bearer + b"\r\n")
+        assert with_token.status < 500, str(with_token)
+        if with_token.upstream is None:
+            assert 400 <= with_token.status < 500, str(with_token)

@@ -124,6 +124,12 @@ def test_the_prefix_comes_off_the_raw_target_and_nothing_is_decoded(target: str,
     assert RequestReader().read(raw(target=target)).path == path
 
 
+@pytest.mark.parametrize("target", ["/ext_authz*", "/ext_authzx/orders", "*", "/orders"])
+def test_a_sub_request_target_outside_the_prefix_is_refused(target: str) -> None:
+    """Envoy sends 'OPTIONS *' as '/ext_authz*': there is no request path in it to judge."""
+    refused(RequestReader(), raw(target=target))
+
+
 def test_the_sub_requests_framing_headers_are_not_the_originals() -> None:
     request = raw(headers=(("content-length", "0"), ("x-a", "1")))
     assert dict(RequestReader().read(request).headers) == {"x-a": "1"}

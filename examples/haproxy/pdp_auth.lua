@@ -9,10 +9,13 @@
 -- The argument is where pdp's HTTP ext_authz endpoint is reached, in HAProxy's address syntax; see
 -- haproxy.cfg for why it is a local listener that carries the gateway's certificate on to pdp.
 --
--- pdp is asked with GET /ext_authz and the original request in X-Forwarded-Method, -Uri (the path
--- and query as received, never decoded), -Host (with its port) and -Proto, the client's certificate
--- as RFC 9440 Client-Cert, and every other client header (pdp.toml: cert_header = "rfc9440",
--- forwarded_request = "traefik"). Then pdp's answer is copied:
+-- pdp is asked with GET /ext_authz and the original request in X-Forwarded-Method, -Uri (the request
+-- target as the upstream gets it, never decoded), -Host (every Host line, whole, with its port) and
+-- -Proto, the client's certificate as RFC 9440 Client-Cert, and every other client header, each line
+-- whole (pdp.toml: cert_header = "rfc9440", forwarded_request = "traefik"). pdp judges what the
+-- upstream gets: a value cut down here (a fetch such as req.hdr() returns only the last of a
+-- comma-separated list) would let the upstream read something pdp never saw. Then pdp's answer is
+-- copied:
 --   allow (2xx): the headers pdp names in x-envoy-auth-headers-to-remove are deleted (Authorization,
 --     DPoP, and each x-pdp-* header it does not set) and its x-pdp-* identity headers are set;
 --   deny: the client gets pdp's status, WWW-Authenticate, DPoP-Nonce, reason headers and body;
@@ -56,6 +59,19 @@ local function values(list)
     return out
 end
 
+-- The request target as the upstream gets it. HAProxy shows an HTTP/2 request in absolute form
+-- (scheme, :authority, :path) and sends the upstream its path and query; an HTTP/1 target goes on as
+-- received: "/path?query", or "*" and an absolute-form URI, which pdp refuses (not a path) rather than
+-- judge a path the upstream never gets.
+local function target(txn)
+    local url = txn.f:url() or ""
+    local version = txn.f:req_ver()
+    if string.sub(url, 1, 1) ~= "/" and (version == "2.0" or version == "3.0") then
+        return txn.f:pathq() or url
+    end
+    return url
+end
+
 -- Boolean sample fetches reach Lua as 0 or 1 (a number, and 0 is true in Lua) or as a boolean.
 local function is_true(value)
     return value == true or value == 1
@@ -71,16 +87,27 @@ local function unavailable(txn, why)
 end
 
 local function pdp_auth(txn, dst)
-    local headers = {}
+    -- One value per header line, whole: never req_hdr(), which splits a line at its commas. (HAProxy
+    -- gives names in lower case; lines whose names differ only in case would be kept all the same.)
+    local lines = {}
     for name, list in pairs(txn.http:req_get_headers()) do
         name = string.lower(name)
+        lines[name] = lines[name] or {}
+        for _, value in ipairs(values(list)) do
+            table.insert(lines[name], value)
+        end
+    end
+    local headers = {}
+    for name, list in pairs(lines) do
         if not NOT_FORWARDED[name] then
-            headers[name] = values(list)
+            headers[name] = list
         end
     end
     headers["x-forwarded-method"] = { txn.f:method() }
-    headers["x-forwarded-uri"] = { txn.f:pathq() }
-    headers["x-forwarded-host"] = { txn.f:req_hdr("host") or "" }
+    headers["x-forwarded-uri"] = { target(txn) }
+    -- Empty without a Host (HTTP/1.0); two values (HAProxy refuses two Host lines itself) are joined,
+    -- and pdp refuses them.
+    headers["x-forwarded-host"] = { table.concat(lines["host"] or {}, ",") }
     headers["x-forwarded-proto"] = { is_true(txn.f:ssl_fc()) and "https" or "http" }
     local der = txn.f:ssl_c_der()
     if der ~= nil and #der > 0 then
