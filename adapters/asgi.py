@@ -30,7 +30,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from pdp.certificates.identity import CertIdentity
-from pdp.certificates.pem import PemError, pem_to_der_chain
+from pdp.certificates.pem import read_pem_chain
 from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
 from pdp.pipeline import Pdp
@@ -114,10 +114,8 @@ def scope_to_raw(scope: Scope, *, via: Via, now: float, caller_names: frozenset[
     chain_error: str | None = None
     tls = (scope.get("extensions") or {}).get("tls") or {}
     if tls.get("client_cert_chain"):
-        try:
-            chain = pem_to_der_chain("".join(tls["client_cert_chain"]))
-        except PemError as exc:
-            chain_error = f"TLS extension: {exc}"
+        chain, error = read_pem_chain("".join(tls["client_cert_chain"]))
+        chain_error = f"TLS extension: {error}" if error is not None else None
     raw_path = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
     target = bytes(raw_path).decode("latin-1")
     if scope.get("query_string"):

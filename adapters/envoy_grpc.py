@@ -18,6 +18,7 @@ identity for Envoy's access log.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from pdp import reasons
-from pdp.certificates.pem import PemError, pem_to_der_chain
+from pdp.certificates.pem import read_pem_chain
 from pdp.decision import Decision
 from pdp.pipeline import Pdp
 from pdp.reasons import Reason
@@ -55,13 +56,7 @@ def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> Ra
     lines = [(k, v) for k, v in http.headers.items()]
     lines += [(entry.key, entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value)
               for entry in http.header_map.headers]
-    chain: tuple[bytes, ...] = ()
-    cert_error: str | None = None
-    if attributes.source.certificate:
-        try:
-            chain = pem_to_der_chain(urllib.parse.unquote(attributes.source.certificate))
-        except PemError as exc:
-            cert_error = f"attributes.source.certificate: {exc}"
+    chain, cert_error = _peer_chain(attributes.source.certificate) if attributes.source.certificate else ((), None)
     path = http.path
     if http.query and "?" not in path:
         path = f"{path}?{http.query}"
@@ -86,40 +81,54 @@ def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> Ra
     )
 
 
-def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOption]:
-    return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
-            for k, v in headers.items()]
+@functools.lru_cache(maxsize=1024)
+def _peer_chain(certificate: str) -> tuple[tuple[bytes, ...], str | None]:
+    """``attributes.source.certificate`` (URL-encoded PEM) as DER, leaf first, or why it is unreadable.
+    A returning client sends the same text with every request: it is decoded once (bounded)."""
+    chain, error = read_pem_chain(urllib.parse.unquote(certificate))
+    return chain, f"attributes.source.certificate: {error}" if error is not None else None
 
 
-def _metadata(decision: Decision) -> struct_pb2.Struct:
-    meta = struct_pb2.Struct()
-    meta.update({k: v for k, v in decision.metadata.items() if v is not None})
-    return meta
+def _add_headers(options: Any, headers: Mapping[str, str]) -> None:
+    """Headers to set, overwriting any of the same name, added in place to a repeated ``HeaderValueOption``."""
+    for key, value in headers.items():
+        option = options.add()
+        option.header.key = key
+        option.header.value = value
+        option.append_action = _OVERWRITE
+
+
+def _set_metadata(meta: struct_pb2.Struct, decision: Decision) -> None:
+    fields = meta.fields
+    rest: dict[str, Any] = {}
+    for key, value in decision.metadata.items():
+        if isinstance(value, str):
+            fields[key].string_value = value  # most members: set directly, not through Struct.update
+        elif value is not None:
+            rest[key] = value
+    if rest:
+        meta.update(rest)
 
 
 def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
-    """pdp's ``Decision`` → Envoy's ``CheckResponse``."""
+    """pdp's ``Decision`` → Envoy's ``CheckResponse`` (built in place: this is on every request's path)."""
+    response = external_auth_pb2.CheckResponse()
     if decision.allowed:
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=_header_options(decision.headers),
-                headers_to_remove=list(decision.headers_to_remove),
-                response_headers_to_add=_header_options(decision.response_headers),
-            ),
-            dynamic_metadata=_metadata(decision),
-        )
-    body, headers = decision.denial()
-    code = code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code, message=decision.reason),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=decision.status),
-            headers=_header_options(headers),
-            body=body,
-        ),
-        dynamic_metadata=_metadata(decision),
-    )
+        response.status.code = code_pb2.OK
+        ok = response.ok_response
+        _add_headers(ok.headers, decision.headers)
+        ok.headers_to_remove.extend(decision.headers_to_remove)
+        _add_headers(ok.response_headers_to_add, decision.response_headers)
+    else:
+        body, headers = decision.denial()
+        response.status.code = code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
+        response.status.message = decision.reason
+        denied = response.denied_response
+        denied.status.code = decision.status
+        _add_headers(denied.headers, headers)
+        denied.body = body
+    _set_metadata(response.dynamic_metadata, decision)
+    return response
 
 
 class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pdp.certificates.pem import PemError, pem_to_der_chain
+from pdp.certificates.pem import read_pem_chain
 from pdp.decision import Decision
 from pdp.request_reader import RawRequest, Via
 
@@ -65,10 +65,7 @@ def parse_request(doc: Any, *, now: float, peer_address: str = "") -> RawRequest
         if not isinstance(pem, str):
             raise RequestDocumentError("'client_cert' must be a PEM string")
         if pem.strip():
-            try:
-                chain = pem_to_der_chain(pem)
-            except PemError as exc:
-                cert_error = str(exc)
+            chain, cert_error = read_pem_chain(pem)
     return RawRequest(
         via=Via.DOCUMENT,
         method=_string(doc, "method"),

@@ -37,7 +37,7 @@ from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
 from pdp.reasons import Reason
 from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, RequestReader
-from pdp.service.decision_log import DecisionLog, log_record
+from pdp.service.decision_log import DecisionLog
 from pdp.store import MemoryStore, Store
 
 log = logging.getLogger("pdp")
@@ -183,8 +183,7 @@ class Pdp:
                 duration: float) -> None:
         try:
             if self.decision_log.enabled:
-                self.decision_log.write(log_record(decision, request, trace.identity, trace.token,
-                                                   policy_version, duration))
+                self.decision_log.write(decision, request, trace.identity, trace.token, policy_version, duration)
             for sink in self.sinks:
                 sink(decision, duration)
         except Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 
 # The body class excludes "-", so a BEGIN without its END fails at the first dash instead of
@@ -46,3 +47,13 @@ def pem_to_der_chain(data: bytes | str) -> tuple[bytes, ...]:
             raise PemError("empty PEM certificate")
         chain.append(der)
     return tuple(chain)
+
+
+@functools.lru_cache(maxsize=1024)
+def read_pem_chain(text: str) -> tuple[tuple[bytes, ...], str | None]:
+    """``pem_to_der_chain`` for a chain handed over with every request: the chain, or why it is unreadable.
+    A returning client sends the same text each time, so each text is decoded once (bounded)."""
+    try:
+        return pem_to_der_chain(text), None
+    except PemError as exc:
+        return (), str(exc)
