@@ -7,7 +7,7 @@ style: the certificate arrives over pdp's mutual-TLS listener or from a
 trusted proxy's header, chains to pdp's trust bundles, and names the client
 in a registered SAN or subject DN. An unauthenticated caller gets 401; a
 source or client locked out after too many failed secrets gets 429
-(``pdp.service.brute_force``).
+(``pdp.service.brute_force``), whatever the secret it sends.
 
 The answer for anything but a valid token is ``{"active": false}``, and so is
 the answer for a valid token the caller has no business seeing: one for none
@@ -33,7 +33,7 @@ from pdp.credentials.rfc7662 import introspection_response
 from pdp.credentials.tokens import VerifiedToken
 from pdp.errors import Denied
 from pdp.pipeline import Pdp
-from pdp.service.brute_force import FailureLimiter
+from pdp.service.brute_force import FailureLimiter, Locked
 
 #: RFC 8705 §2.1.2 client metadata names → the identity attribute they are compared with.
 TLS_CLIENT_AUTH_NAMES = ("tls_client_auth_subject_dn", "tls_client_auth_san_dns", "tls_client_auth_san_uri",
@@ -55,7 +55,7 @@ class ClientAuthError(Exception):
 
 
 class LockedOut(ClientAuthError):
-    """Too many failed attempts from this source or for this client: refused without a look at the secret."""
+    """Too many failed attempts from this source or for this client: refused whatever the secret."""
 
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"locked out for another {retry_after:.0f} s after too many failed attempts")
@@ -66,25 +66,31 @@ def basic_client(authorization: str | None, clients: Mapping[str, IntrospectionC
                  limiter: FailureLimiter | None = None, source: str = "") -> IntrospectionClient | None:
     """The client named and proven by an HTTP Basic ``Authorization`` header, if any (RFC 6749 §2.3.1).
 
-    With a ``limiter``, a locked-out ``source`` or client is refused (``LockedOut``) before the secret is
-    compared, and every failure is counted (it may start a lock-out)."""
+    With a ``limiter``, every attempt is recorded before it is answered, right or wrong (a failure may start
+    a lock-out): one refused as locked out raises ``LockedOut`` whatever its secret, and one the store
+    cannot record raises ``StoreUnavailable`` whatever its secret, so neither answer tells a right secret
+    from a wrong one."""
     if not authorization or not authorization[:6].lower() == "basic ":
         return None
     credentials = _basic_credentials(authorization)
     client = clients.get(credentials[0]) if credentials is not None else None
     registered = client.client_id if client is not None and client.secret_sha256 is not None else None
-    if limiter is not None:
-        wait = limiter.locked_for(source, registered)
-        if wait > 0:
-            raise LockedOut(wait)
-    try:
+    proven: IntrospectionClient | None = None
+    failure: ClientAuthError | None = None
+    try:  # in constant time; the answer waits for the limiter
         if credentials is None:
             raise ClientAuthError("malformed Basic credentials")
-        return _check_secret(*credentials, clients)
-    except ClientAuthError:
-        if limiter is not None:
-            limiter.failed(source, registered)
-        raise
+        proven = _check_secret(*credentials, clients)
+    except ClientAuthError as exc:
+        failure = exc
+    if limiter is not None:
+        try:
+            limiter.attempt(source, registered, ok=proven is not None)
+        except Locked as exc:
+            raise LockedOut(exc.retry_after) from None
+    if failure is not None:
+        raise failure
+    return proven
 
 
 def _basic_credentials(authorization: str) -> tuple[str, str] | None:

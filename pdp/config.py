@@ -541,6 +541,8 @@ def _dpop(t: _Table) -> DpopSettings:
         require_nonce=require_nonce,
         nonce_lifetime=t.number("nonce_lifetime", d.nonce_lifetime, minimum=10),
         max_proofs_per_key=t.integer("max_proofs_per_key", d.max_proofs_per_key, minimum=1),
+        busy_proofs_per_key=t.integer("busy_proofs_per_key", 0, minimum=1) or None,
+        replay_margin=t.number("replay_margin", d.replay_margin, minimum=0),
         nonce_secret=secret.encode() if secret else d.nonce_secret,
     )
     if secret is not None and len(secret) < 32:

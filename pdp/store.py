@@ -5,21 +5,29 @@ values seen within the acceptance window (RFC 9449 §11.1), so a proof replayed
 against another replica is refused too, and the failed-authentication counters
 and lock-outs of the introspection endpoint. ``remember`` is an atomic "add if
 absent, with expiry" (Redis ``SET NX PX``), ``count`` an atomic increment of a
-counter that expires (``INCR`` + ``PEXPIRE NX``), ``ttl`` how long a key has
-left. A store that cannot answer raises ``StoreUnavailable``, which whatever
-needed it turns into a deny.
+counter that expires (``INCR`` + ``PEXPIRE NX``; with ``keep=False`` the value
+an increment would give, failing as it would, without keeping it),
+``uncount`` takes one count back, ``forget`` drops a key, ``ttl`` says how
+long a key has left and ``load`` how full a bounded store is. A store that
+cannot answer raises ``StoreUnavailable``, which whatever needed it turns into
+a deny.
 
 ``MemoryStore`` serves one process; ``SqliteStore`` the worker processes of
 one ``pdp serve --workers N`` (a file in a private folder, nothing to start);
-``RedisStore`` every replica behind a load balancer.
+``RedisStore`` every replica behind a load balancer. A full store refuses new
+keys rather than forgetting old ones: forgetting a ``jti`` would let its proof
+be replayed, forgetting a failure counter would let a guesser go on.
 """
 
 from __future__ import annotations
 
 import heapq
+import os
+import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,11 +40,23 @@ class Store(Protocol):
     def remember(self, key: str, ttl: float) -> bool:
         """Record ``key`` for ``ttl`` seconds; False when it was already recorded (a replay)."""
 
-    def count(self, key: str, ttl: float) -> int:
-        """Add one to the counter ``key`` (created with a ``ttl``-second life) and return its value."""
+    def count(self, key: str, ttl: float, *, keep: bool = True) -> int:
+        """Add one to the counter ``key`` (created with a ``ttl``-second life) and return its value.
+
+        ``keep=False``: return the value the increment would give, and fail as it would (a full store), but
+        leave the counter as it is."""
+
+    def uncount(self, key: str) -> None:
+        """Take one count back from the counter ``key`` (never below 0; nothing when it is not there)."""
+
+    def forget(self, key: str) -> None:
+        """Drop ``key`` (recorded or counted), if it is there."""
 
     def ttl(self, key: str) -> float:
         """Seconds until ``key`` (recorded or counted) expires; 0 when it is not there."""
+
+    def load(self) -> float | None:
+        """The share of the store's capacity in use (0 to 1); None when the store cannot tell."""
 
 
 class MemoryStore:
@@ -64,23 +84,44 @@ class MemoryStore:
             heapq.heappush(self._expiries, (now + ttl, key))
             return True
 
-    def count(self, key: str, ttl: float) -> int:
+    def count(self, key: str, ttl: float, *, keep: bool = True) -> int:
         now = time.monotonic()
         with self._lock:
             self._expire(now)
             current = self._counters.get(key)
             if current is None:
                 self._make_room()
+                if not keep:
+                    return 1
                 current = (0, now + ttl)
                 heapq.heappush(self._expiries, (current[1], "\0" + key))
-            self._counters[key] = (current[0] + 1, current[1])
+            if keep:
+                self._counters[key] = (current[0] + 1, current[1])
             return current[0] + 1
+
+    def uncount(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            current = self._counters.get(key)
+            if current is not None and current[0] > 0:
+                self._counters[key] = (current[0] - 1, current[1])
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+            self._counters.pop(key, None)
 
     def ttl(self, key: str) -> float:
         now = time.monotonic()
         with self._lock:
             expires = max(self._seen.get(key, now), self._counters.get(key, (0, now))[1])
             return max(0.0, expires - now)
+
+    def load(self) -> float:
+        with self._lock:
+            self._expire(time.monotonic())
+            return (len(self._seen) + len(self._counters)) / self._max
 
     def _make_room(self) -> None:
         if len(self._seen) + len(self._counters) >= self._max:
@@ -96,6 +137,42 @@ class MemoryStore:
                 del self._seen[key]
 
 
+#: The tables of the workers' SQLite file: the DPoP replay state (``Pdp.store``), and the lock-out counters.
+SHARED_TABLE, LOCKOUT_TABLE = "state", "lockout"
+#: The files of one SQLite database in WAL mode: while any connection is open, all three exist.
+_SQLITE_FILES = ("", "-wal", "-shm")
+
+
+#: The statements of ``SqliteStore``, for the table named ``@t`` (a name of lower-case letters, checked).
+_SQL = {
+    "create": "CREATE TABLE IF NOT EXISTS @t (key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires REAL NOT NULL) "
+              "WITHOUT ROWID",
+    "index": "CREATE INDEX IF NOT EXISTS @t_expires ON @t (expires)",
+    # Inserted, or an expired row taken over: one row changed. A live row: none.
+    "remember": "INSERT INTO @t (key, value, expires) VALUES (?, 1, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = 1, expires = excluded.expires WHERE @t.expires <= ?",
+    "count": "INSERT INTO @t (key, value, expires) VALUES (?, 1, ?) ON CONFLICT (key) DO UPDATE SET "
+             "value = CASE WHEN @t.expires <= ? THEN 1 ELSE @t.value + 1 END, "
+             "expires = CASE WHEN @t.expires <= ? THEN excluded.expires ELSE @t.expires END RETURNING value",
+    "value": "SELECT value FROM @t WHERE key = ? AND expires > ?",
+    "uncount": "UPDATE @t SET value = value - 1 WHERE key = ? AND value > 0 AND expires > ?",
+    "forget": "DELETE FROM @t WHERE key = ?",
+    "expires": "SELECT expires FROM @t WHERE key = ?",
+    "sweep": "DELETE FROM @t WHERE expires <= ?",
+    "rows": "SELECT count(*) FROM @t",
+}
+
+
+def _file_identity(path: Path) -> list[list[int]]:
+    """(device, inode) of the database file and its WAL and shared-memory files, so that a process told
+    which files to open can tell them from files of the same name made since."""
+    identity = []
+    for suffix in _SQLITE_FILES:
+        st = os.stat(f"{path}{suffix}")
+        identity.append([st.st_dev, st.st_ino])
+    return identity
+
+
 class SqliteStore:
     """The store of the worker processes of one ``pdp serve --workers N``: one SQLite file on this machine.
 
@@ -103,64 +180,119 @@ class SqliteStore:
     time, the clock DPoP's ``iat`` window is judged by. The file lives in a private folder that the
     parent process creates and removes; nothing in it outlives the server. Expired rows are swept now
     and then; at ``max_entries`` live rows a new key raises ``StoreUnavailable``, as ``MemoryStore`` does.
+    Each ``table`` is a store of its own with its own bound, so one use cannot fill another's.
+
+    The parent creates the file (``create=True``) and keeps it open; each worker opens it with
+    ``create=False`` and the ``identity`` the parent read (``file_identity``), so that a worker never
+    makes a fresh, empty database of its own: if the files are gone or are other files than the
+    parent's (a temp-folder cleaner, a restart), every operation raises ``StoreUnavailable``.
     """
 
     SWEEP_INTERVAL = 2.0
 
-    def __init__(self, path: Path, *, max_entries: int = 250_000, timeout: float = 2.0) -> None:
+    def __init__(self, path: Path, *, table: str = "entries", max_entries: int = 250_000, timeout: float = 2.0,
+                 create: bool = True, identity: list[list[int]] | None = None) -> None:
+        if not re.fullmatch(r"[a-z_]{1,32}", table):
+            raise ValueError(f"table name {table!r}")
         self.path = path
+        self._sql = {name: sql.replace("@t", table) for name, sql in _SQL.items()}
+        self._identity = identity
         self._max = max_entries
         self._lock = threading.Lock()
         self._next_sweep = 0.0
         self._full = False
+        self._rows = 0
+        self._broken: str | None = None
+        self._check_files()
+        self._usable()  # never open (and so create the WAL files of) a database other than the parent's
         try:
-            self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            if create:
+                self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            else:
+                uri = f"file:{urllib.parse.quote(str(path))}?mode=rw"
+                self._db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                                           check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")  # the state is worth nothing after a crash
-            self._db.execute("CREATE TABLE IF NOT EXISTS entries "
-                             "(key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires REAL NOT NULL) WITHOUT ROWID")
-            self._db.execute("CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires)")
+            if create:
+                self._db.execute(self._sql["create"])
+                self._db.execute(self._sql["index"])
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {str(path)!r}: {exc}") from exc
+        self._check_files()  # the same files after opening: none was swapped in between
+
+    def file_identity(self) -> list[list[int]]:
+        """What a worker needs to know it opened this store's files (see the class docstring)."""
+        return _file_identity(self.path)
 
     def remember(self, key: str, ttl: float) -> bool:
         now = time.time()
         with self._lock:
             self._housekeeping(key, now)
-            # Inserted, or an expired row taken over: one row changed. A live row: none.
-            changed = self._run("INSERT INTO entries (key, value, expires) VALUES (?, 1, ?) "
-                                "ON CONFLICT (key) DO UPDATE SET value = 1, expires = excluded.expires "
-                                "WHERE entries.expires <= ?", (key, now + ttl, now)).rowcount
-            return changed == 1
+            return self._run(self._sql["remember"], (key, now + ttl, now)).rowcount == 1
 
-    def count(self, key: str, ttl: float) -> int:
+    def count(self, key: str, ttl: float, *, keep: bool = True) -> int:
         now = time.time()
         with self._lock:
             self._housekeeping(key, now)
-            rows = self._run("INSERT INTO entries (key, value, expires) VALUES (?, 1, ?) "
-                             "ON CONFLICT (key) DO UPDATE SET "
-                             "value = CASE WHEN entries.expires <= ? THEN 1 ELSE entries.value + 1 END, "
-                             "expires = CASE WHEN entries.expires <= ? THEN excluded.expires ELSE entries.expires END "
-                             "RETURNING value", (key, now + ttl, now, now)).fetchall()
+            if not keep:
+                row = self._run(self._sql["value"], (key, now)).fetchone()
+                return int(row[0]) + 1 if row else 1
+            rows = self._run(self._sql["count"], (key, now + ttl, now, now)).fetchall()
             return int(rows[0][0])  # fetchall: the write ends only when the statement has run to its end
+
+    def uncount(self, key: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._usable()
+            self._run(self._sql["uncount"], (key, now))
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._usable()
+            self._run(self._sql["forget"], (key,))
 
     def ttl(self, key: str) -> float:
         now = time.time()
         with self._lock:
-            row = self._run("SELECT expires FROM entries WHERE key = ?", (key,)).fetchone()
+            self._usable()
+            row = self._run(self._sql["expires"], (key,)).fetchone()
         return max(0.0, float(row[0]) - now) if row else 0.0
+
+    def load(self) -> float:
+        """As of the last sweep (at most ``SWEEP_INTERVAL`` seconds ago)."""
+        with self._lock:
+            self._usable()
+            return self._rows / self._max
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def _check_files(self) -> None:
+        if self._identity is None or self._broken is not None:
+            return
+        try:
+            same = _file_identity(self.path) == [list(i) for i in self._identity]
+        except OSError:
+            same = False
+        if not same:
+            self._broken = f"the shared worker store {str(self.path)!r} is gone or was replaced"
+
+    def _usable(self) -> None:
+        if self._broken is not None:
+            raise StoreUnavailable(self._broken)
+
     def _housekeeping(self, key: str, now: float) -> None:
         if now >= self._next_sweep:
             self._next_sweep = now + self.SWEEP_INTERVAL
-            self._run("DELETE FROM entries WHERE expires <= ?", (now,))
-            self._full = self._run("SELECT count(*) FROM entries").fetchone()[0] >= self._max
-        if self._full and self._run("SELECT 1 FROM entries WHERE key = ? AND expires > ?", (key, now)).fetchone() \
-                is None:
+            self._check_files()
+            self._usable()
+            self._run(self._sql["sweep"], (now,))
+            self._rows = int(self._run(self._sql["rows"]).fetchone()[0])
+            self._full = self._rows >= self._max
+        self._usable()
+        if self._full and self._run(self._sql["value"], (key, now)).fetchone() is None:
             raise StoreUnavailable("the shared worker store is full")
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
@@ -170,15 +302,54 @@ class SqliteStore:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
 
+class UnavailableStore:
+    """A store that cannot be had (a worker whose shared store is gone): every operation is refused."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _refuse(self) -> StoreUnavailable:
+        return StoreUnavailable(self.reason)
+
+    def remember(self, key: str, ttl: float) -> bool:
+        raise self._refuse()
+
+    def count(self, key: str, ttl: float, *, keep: bool = True) -> int:
+        raise self._refuse()
+
+    def uncount(self, key: str) -> None:
+        raise self._refuse()
+
+    def forget(self, key: str) -> None:
+        raise self._refuse()
+
+    def ttl(self, key: str) -> float:
+        raise self._refuse()
+
+    def load(self) -> float | None:
+        return None
+
+
+#: Take one count back, never below 0, and never create the key (a plain DECR would, without expiry).
+_UNCOUNT = "local v = redis.call('GET', KEYS[1]) if v and tonumber(v) > 0 then redis.call('DECR', KEYS[1]) end"
+
+
 class RedisStore:
-    """A Redis (or Redis Cluster / Sentinel-fronted) store shared by every replica."""
+    """A Redis (or Redis Cluster / Sentinel-fronted) store shared by every replica.
+
+    Run it with ``maxmemory-policy noeviction``: an evicted ``jti`` lets its proof be replayed, an evicted
+    counter lets a guesser go on. At ``maxmemory`` every write fails, and pdp denies what needs one."""
+
+    LOAD_INTERVAL = 1.0
 
     def __init__(self, url: str, *, prefix: str = "pdp:", timeout: float = 0.2, client: Any = None) -> None:
         import redis
 
         self._redis = client or redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._error = redis.RedisError
+        self._uncount = self._redis.register_script(_UNCOUNT)
         self.prefix = prefix
+        self._load: tuple[float, float | None] = (0.0, None)
 
     def remember(self, key: str, ttl: float) -> bool:
         try:
@@ -186,13 +357,26 @@ class RedisStore:
         except self._error as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
-    def count(self, key: str, ttl: float) -> int:
+    def count(self, key: str, ttl: float, *, keep: bool = True) -> int:
         try:
-            pipe = self._redis.pipeline()
+            pipe = self._redis.pipeline()  # MULTI/EXEC: one step for every other client
             pipe.incr(self.prefix + key)
             pipe.pexpire(self.prefix + key, max(1, int(ttl * 1000)), nx=True)
-            value, _ = pipe.execute()
-            return int(value)
+            if not keep:
+                pipe.decr(self.prefix + key)
+            return int(pipe.execute()[0])
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def uncount(self, key: str) -> None:
+        try:
+            self._uncount(keys=[self.prefix + key])
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def forget(self, key: str) -> None:
+        try:
+            self._redis.delete(self.prefix + key)
         except self._error as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
@@ -202,3 +386,17 @@ class RedisStore:
         except self._error as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return left / 1000 if left > 0 else 0.0
+
+    def load(self) -> float | None:
+        """``used_memory`` over ``maxmemory``, read at most once a second; None without a ``maxmemory``."""
+        now = time.monotonic()
+        if now < self._load[0]:
+            return self._load[1]
+        try:
+            info = self._redis.info("memory")
+            limit = int(info.get("maxmemory", 0))
+            value = int(info["used_memory"]) / limit if limit > 0 else None
+        except (self._error, KeyError, ValueError, TypeError):
+            value = None
+        self._load = (now + self.LOAD_INTERVAL, value)
+        return value

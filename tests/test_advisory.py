@@ -355,3 +355,97 @@ def test_captured_dpop_proof_replayed_to_exhaust_the_owners_quota(make_pdp: Call
     for _ in range(5):
         assert_denied(present(captured), "dpop_proof_invalid")
     assert present(key.proof("GET", "https://api.test/orders", token)).allowed  # the owner is not locked out
+
+
+def _basic(client_id: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def test_introspection_secret_oracle_through_a_full_lockout_store() -> None:
+    """A store that cannot record a failure must not tell a right secret from a wrong one: both get 503
+    (StoreUnavailable), where a wrong one used to get 503 and the right one 200."""
+    from pdp.adapters.introspection import ClientAuthError, IntrospectionClient, basic_client
+
+    from pdp.service.brute_force import FailureLimiter, LockoutSettings
+    from pdp.store import MemoryStore, StoreUnavailable
+
+    clients = {"rs": IntrospectionClient("rs", hashlib.sha256(b"right").hexdigest())}
+    limiter = FailureLimiter(LockoutSettings(), MemoryStore(max_entries=100))
+    for i in range(99):  # one failure from each of 99 sources fills the store (with the unknown-id counter)
+        with pytest.raises(ClientAuthError):
+            basic_client(_basic("nobody", "x"), clients, limiter=limiter, source=f"198.51.100.{i}")
+    for secret in ("guess-1", "right"):
+        with pytest.raises(StoreUnavailable):
+            basic_client(_basic("rs", secret), clients, limiter=limiter, source="203.0.113.7")
+
+
+def test_introspection_client_kept_locked_out_by_a_stranger() -> None:
+    """A stranger spread over many addresses locks a client out; it must not then keep it locked with one
+    failure per lock-out, nor lock it out where it authenticates from."""
+    from pdp.adapters.introspection import ClientAuthError, IntrospectionClient, LockedOut, basic_client
+
+    from pdp.service.brute_force import FailureLimiter, LockoutSettings
+    from pdp.store import MemoryStore
+
+    clients = {"rs": IntrospectionClient("rs", hashlib.sha256(b"right").hexdigest())}
+    limiter = FailureLimiter(LockoutSettings(source_failures=10, client_failures=100, duration=0.3,
+                                             max_duration=0.3), MemoryStore())
+    home = "192.0.2.10"
+    assert basic_client(_basic("rs", "right"), clients, limiter=limiter, source=home) is not None
+
+    def stranger(times: int, first_source: int) -> None:
+        for i in range(times):
+            with pytest.raises(ClientAuthError):
+                basic_client(_basic("rs", "wrong"), clients, limiter=limiter,
+                             source=f"198.51.100.{first_source + i // 9}")  # 9 per address: under its limit
+
+    stranger(100, 0)
+    with pytest.raises(LockedOut):
+        basic_client(_basic("rs", "right"), clients, limiter=limiter, source="203.0.113.1")  # a new address
+    assert basic_client(_basic("rs", "right"), clients, limiter=limiter, source=home) is not None
+    while limiter.locked_for("203.0.113.1", "rs") > 0:
+        time.sleep(0.05)
+    stranger(1, 100)  # one more failure after the lock-out used to start the next one
+    assert basic_client(_basic("rs", "right"), clients, limiter=limiter, source="203.0.113.1") is not None
+
+
+def test_dpop_replay_store_filled_by_many_keys_within_their_quotas(issuer: TokenIssuer) -> None:
+    """Keys that each stay within max_proofs_per_key used to fill the replay store together, after which
+    every fresh proof from everyone was store_unavailable."""
+    from pdp.credentials.rfc9449 import DpopSettings, NonceIssuer, check_proof
+    from pdp.devpki import DpopKey
+    from pdp.errors import Denied
+    from pdp.store import MemoryStore
+
+    store, settings = MemoryStore(max_entries=60), DpopSettings(max_proofs_per_key=12, busy_proofs_per_key=3)
+    nonces = NonceIssuer(settings.nonce_secret, settings.nonce_lifetime)
+
+    def present(key: DpopKey, token: str) -> str:
+        try:
+            check_proof(key.proof("GET", "https://api.test/orders", token), method="GET",
+                        uri="https://api.test/orders", access_token=token, token_jkt=key.jkt, now=time.time(),
+                        settings=settings, store=store, nonces=nonces)
+            return "allowed"
+        except Denied as exc:
+            return exc.reason.code
+
+    for _ in range(5):  # the attacker: five keys, five tokens, twelve proofs each
+        key = DpopKey.generate()
+        token = issuer.mint(audience=AUDIENCE, dpop_key=key)
+        for _ in range(12):
+            present(key, token)
+    for _ in range(3):
+        victim = DpopKey.generate()
+        assert present(victim, issuer.mint(audience=AUDIENCE, dpop_key=victim)) == "allowed"
+
+
+@pytest.mark.parametrize("cnf", [{"x5t#S256": ""}, {"jkt": ""}, {"jkt": None}, {"x5t#S256": 7}, ""])
+def test_empty_cnf_member_bound_for_decisions_but_unbound_for_introspection(pdp: Pdp, pki: Pki, issuer: TokenIssuer,
+                                                                            cnf: Any) -> None:
+    """An empty cnf member was 'bound' to a decision (binding_mismatch) and absent from an active
+    introspection answer; the token is invalid for both."""
+    from pdp.adapters.introspection import IntrospectionClient, introspect
+
+    token = issuer.mint(audience=AUDIENCE, scope="read write", extra={"cnf": cnf})
+    assert_denied(decide(pdp, pki, token), "token_claims_invalid")
+    assert introspect(pdp, token, IntrospectionClient("rs", "0" * 64)) == {"active": False}

@@ -304,3 +304,128 @@ def test_dpop_nonces_of_one_worker_are_good_at_the_other(write_setup, pki, issue
     finally:
         _stop(server)
     assert [(a["allowed"], a["reason"]) for a in answers] == [(True, "allowed")] * len(answers)
+
+
+def _workers(parent: int) -> list[int]:
+    """The uvicorn worker processes of a ``pdp serve --workers`` parent (not multiprocessing's tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_a_restarted_worker_never_makes_a_store_of_its_own(write_setup, pki, issuer, tmp_path):
+    """Once the parent's state file is gone (a temp-folder cleaner), a worker started after that used to
+    create a fresh, empty store and accept proofs the others had seen: it must deny store_unavailable, and
+    so must the workers that had the file open."""
+    import time
+
+    from conftest import AUDIENCE
+
+    from pdp.devpki import DpopKey
+
+    key = DpopKey.generate()
+    token = issuer.mint(audience=AUDIENCE, scope="read", dpop_key=key)
+    port = free_port()
+    server = _serve_workers(write_setup(engine="regorus"), port, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/healthz", timeout=60)
+        first = httpx.post(f"{base}/v1/check", json=_dpop_check(pki, token, key.proof(
+            "GET", "https://api.test/orders", token))).json()
+        assert first["allowed"] is True
+        (state,) = tmp_path.glob("pdp-workers-*")
+        for leftover in state.iterdir():
+            leftover.unlink()
+        before = _workers(server.pid)
+        assert len(before) == 2
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(after := _workers(server.pid)) < 2 or after == before or before[0] in after:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.2)
+        wait_for(f"{base}/healthz", timeout=30)
+        time.sleep(2.5)  # the surviving worker looks at its files every 2 s
+
+        def send() -> list[dict]:
+            return [httpx.post(f"{base}/v1/check", json=_dpop_check(pki, token, key.proof(
+                "GET", "https://api.test/orders", token))).json() for _ in range(8)]
+
+        answers = _until_both_workers_answered(base, send)
+    finally:
+        _stop(server)
+    assert {(a["allowed"], a["reason"]) for a in answers} == {(False, "store_unavailable")}
+    assert not state.exists() or list(state.iterdir()) == []  # no worker made a store of its own
+
+
+def test_workers_stop_when_their_parent_is_killed_and_the_next_parent_removes_its_folder(dev, tmp_path):
+    import time
+
+    port = free_port()
+    first = _serve_workers(dev / "pdp.toml", port, tmp_path)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        workers = _workers(first.pid)
+        assert len(workers) == 2
+        (stale,) = tmp_path.glob("pdp-workers-*")
+        first.kill()  # SIGKILL: no chance to stop the workers or remove the folder
+        first.communicate(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in workers):
+            assert time.monotonic() < deadline, "workers kept serving without their parent"
+            time.sleep(0.2)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        assert stale.is_dir()
+    finally:
+        if first.poll() is None:
+            _stop(first)
+    second = _serve_workers(dev / "pdp.toml", port, tmp_path)  # the same port is free again
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        assert not stale.exists()  # removed: pdp's, and its owner is gone
+        assert len(list(tmp_path.glob("pdp-workers-*"))) == 1
+    finally:
+        _stop(second)
+    assert not list(tmp_path.glob("pdp-workers-*"))
+
+
+def test_only_state_folders_of_dead_pdp_parents_are_removed(tmp_path):
+    from pdp.cli import STATE_MARK, STATE_OWNER, _process_started, remove_stale_state
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    def folder(name: str, pid: int | None, *, mode: int = 0o700, mark: str = STATE_MARK) -> Path:
+        path = tmp_path / name
+        path.mkdir(mode=mode)
+        path.chmod(mode)
+        if pid is not None:
+            (path / STATE_OWNER).write_text(json.dumps({"owner": mark, "pid": pid,
+                                                        "started": _process_started(pid)}))
+        (path / "state.sqlite3").write_bytes(b"")
+        return path
+
+    dead = folder("pdp-workers-dead", gone.pid)
+    alive = folder("pdp-workers-alive", os.getppid())  # a pdp serve that still runs
+    reused = folder("pdp-workers-reused", os.getpid())  # (this process: never its own)
+    unmarked = folder("pdp-workers-unmarked", None)  # cannot be proven to be pdp's
+    foreign = folder("pdp-workers-foreign", gone.pid, mark="something else")
+    shared = folder("pdp-workers-shared", gone.pid, mode=0o755)  # not private: not made by mkdtemp
+    other = folder("other-dead", gone.pid)
+    link = tmp_path / "pdp-workers-link"
+    link.symlink_to(dead)
+    assert remove_stale_state(tmp_path) == [dead]
+    assert not dead.exists()
+    for kept in (alive, reused, unmarked, foreign, shared, other):
+        assert kept.is_dir(), kept
+    assert link.is_symlink()

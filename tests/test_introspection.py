@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ssl
 import time
@@ -263,3 +264,36 @@ def test_lockout_and_client_audience_config_errors_name_the_key(write_setup):
     with pytest.raises(ConfigError) as err:
         load_config(write_setup(extra=clients_toml('audiences = ["https://nobody.test"]\n')))
     assert err.value.key == "introspection.clients[1].audiences" and "no issuer's audience" in err.value.message
+
+
+def test_two_authorization_headers_are_invalid_request(serve, pki, issuer):
+    """Which of two would be the client's? Refused before either is looked at, and not counted."""
+    url = serve()
+    token = bound_token(issuer, pki.client)
+    basic = "Basic " + base64.b64encode(f"orders-api:{SECRET}".encode()).decode()
+    for headers in ([("authorization", basic), ("authorization", basic)],
+                    [("authorization", "Basic Zm9vOmJhcg=="), ("authorization", basic)]):
+        r = httpx.post(f"{url}/oauth2/introspect", data={"token": token}, headers=headers)
+        assert (r.status_code, r.json()) == (400, {"error": "invalid_request"})
+        assert r.headers["cache-control"] == "no-store" and r.headers["pragma"] == "no-cache"
+    assert metric(url, 'pdp_introspection_auth_failures_total{result="invalid"}') == 0
+    assert introspect(url, token).json()["active"] is True
+
+
+def test_a_full_lockout_store_answers_503_whatever_the_secret(serve, pki, issuer):
+    """With the lock-out store full, a wrong secret cannot be counted: the right one must get the same 503,
+    or the store's being full turns the lock-out into an oracle."""
+    url = serve(clients_toml() + "[introspection.lockout]\nmax_tracked = 100\n")
+    token = bound_token(issuer, pki.client)
+
+    def post(auth: tuple[str, str], source: str) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as client:
+            return client.post(f"{url}/oauth2/introspect", data={"token": token}, auth=auth)
+
+    fill = [post(("nobody", "x"), f"127.0.5.{1 + i}").status_code for i in range(110)]
+    assert set(fill) == {401, 503} and fill[0] == 401  # one counter per source, then the store is full
+    wrong = post(("orders-api", "guess"), "127.0.9.9")
+    right = post(("orders-api", SECRET), "127.0.9.9")
+    assert (wrong.status_code, right.status_code) == (503, 503)
+    assert wrong.json() == right.json() == {"error": "temporarily_unavailable"}
+    assert right.headers["cache-control"] == "no-store"

@@ -6,6 +6,7 @@ Also the RFCs' own examples: the RFC 7638 §3.1 RSA key's thumbprint, and RFC 94
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -178,6 +179,21 @@ def test_rule_9_htu_is_compared_normalised_without_query_or_fragment(key, htu):
     assert check(key.proof("GET", htu, TOKEN), key, uri="https://api.test/orders?page=2")
 
 
+@pytest.mark.parametrize("htu", ["https://api.test:99999/orders", "https://api.test:abc/orders",
+                                 "https://api.test:+443/orders", "https://[::1/orders"])
+def test_rule_9_an_htu_with_an_invalid_port_or_host_is_refused_not_read_as_another(key, htu):
+    """Dropping a port that is not one would make ``https://api.test:99999/`` name ``https://api.test/``."""
+    with pytest.raises(ValueError):
+        normalise_uri(htu)
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", htu, TOKEN), key)
+
+
+def test_rule_9_a_request_uri_with_an_invalid_port_refuses_the_proof(key):
+    uri = request_uri("https", "api.test:99999", "/orders")
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", URL, TOKEN), key, uri=uri)
+    refused(reasons.DPOP_PROOF_INVALID, key.proof("GET", uri, TOKEN), key, uri=uri)
+
+
 def test_rule_10_a_required_nonce_must_be_present_and_current(key):
     settings = DpopSettings(require_nonce=True)
     nonces = NonceIssuer(settings.nonce_secret, settings.nonce_lifetime)
@@ -309,6 +325,18 @@ def test_replayed_proofs_do_not_count_against_the_owners_quota(key):
     assert check(key.proof("GET", URL, TOKEN), key, store=store, settings=settings)
 
 
+def test_a_proof_is_remembered_two_windows_and_a_margin_for_the_replicas_clocks(key):
+    """A replica whose clock is behind accepts a proof until its iat leaves that replica's window: the
+    record of the proof must outlast 2 x iat_window by the clocks' difference."""
+    store, settings = MemoryStore(), DpopSettings(iat_window=60, replay_margin=5)
+    assert settings.replay_ttl == 125
+    proof = key.proof("GET", URL, TOKEN)
+    check(proof, key, store=store, settings=settings)
+    jti = jwt.decode(proof, options={"verify_signature": False})["jti"]
+    replay_key = "dpop:jti:" + hashlib.sha256(f"{key.jkt}\0{jti}".encode()).hexdigest()
+    assert 120 < store.ttl(replay_key) <= 125
+
+
 def test_fresh_proofs_beyond_the_quota_are_refused(key):
     store, settings = MemoryStore(), DpopSettings(max_proofs_per_key=3)
     for _ in range(3):
@@ -326,3 +354,56 @@ def test_pipeline_dpop_key_mismatch_does_not_speak_of_a_certificate(make_pdp, pk
     assert (decision.reason, decision.status) == ("binding_mismatch", 401)
     assert challenge.startswith("DPoP ") and "DPoP key" in challenge and "certificate" not in challenge
     assert "certificate" in reasons.by_code("binding_mismatch").description  # RFC 8705's keeps its words
+
+
+def test_a_half_full_replay_store_takes_more_only_from_keys_with_few_proofs():
+    """Many keys, each within its quota, together fill the replay store; from half full on, a key that has
+    presented more than busy_proofs_per_key proofs waits, and the other half stays for the others."""
+    store = MemoryStore(max_entries=40)
+    settings = DpopSettings(max_proofs_per_key=12, busy_proofs_per_key=2)
+    heavy = [DpopKey.generate() for _ in range(4)]
+    answers = []
+    for k in heavy:
+        for _ in range(12):
+            try:
+                check(k.proof("GET", URL, TOKEN), k, store=store, settings=settings)
+                answers.append("allowed")
+            except Denied as exc:
+                answers.append(exc.reason.code)
+    assert "store_unavailable" in answers and store.load() < 1  # the heavy keys were stopped short of full
+    for _ in range(4):  # keys that present few proofs still get in
+        light = DpopKey.generate()
+        assert check(light.proof("GET", URL, TOKEN), light, store=store, settings=settings)
+        assert check(light.proof("GET", URL, TOKEN), light, store=store, settings=settings)
+        with pytest.raises(Denied) as err:
+            check(light.proof("GET", URL, TOKEN), light, store=store, settings=settings)
+        assert err.value.reason is reasons.STORE_UNAVAILABLE
+
+
+def test_busy_proofs_per_key_and_replay_margin_are_configured_in_dpop(write_setup):
+    from pdp.config import load_config
+    from pdp.errors import ConfigError
+
+    config = load_config(write_setup(extra="[dpop]\nbusy_proofs_per_key = 30\nreplay_margin = 2\n"))
+    assert (config.dpop.busy_proofs_per_key, config.dpop.replay_margin) == (30, 2.0)
+    with pytest.raises(ConfigError) as err:
+        load_config(write_setup(extra="[dpop]\nbusy_proofs_per_key = 0\n"))
+    assert err.value.key == "dpop.busy_proofs_per_key"
+
+
+# -- found by fuzz/fuzz_dpop.py
+
+
+@pytest.mark.parametrize("member", ["x", "y"])
+def test_one_dpop_key_has_one_thumbprint_whatever_its_jwk_spelling(key, member):
+    # pyjwt decodes a JWK's members leniently (characters outside base64url are skipped), while the
+    # RFC 7638 thumbprint hashes the member as written: '!!!!' inside 'x' would give the same key a
+    # second cnf.jkt. Either the spelling is refused or the thumbprint is the key's own.
+    jwk = dict(key.public_jwk)
+    jwk[member] = jwk[member][:8] + "!!!!" + jwk[member][8:]
+    proof = key.proof("GET", URL, TOKEN, headers={"jwk": jwk})
+    try:
+        verified = read_proof(proof, DpopSettings())
+    except Denied:
+        return
+    assert verified.jkt == key.jkt

@@ -159,3 +159,118 @@ def test_sqlite_store_remembers_each_key_once_across_processes(tmp_path):
         p.join(timeout=30)
     won = [k for winners in fresh for k in winners]
     assert sorted(won) == sorted(keys)
+
+
+# -- what the lock-out counters and the DPoP quota need: probes, take-backs, resets, and how full a store is
+
+
+def _stores(tmp_path: Path, prefix: str) -> list[Any]:
+    return [MemoryStore(), SqliteStore(tmp_path / "state.sqlite3"), RedisStore(REDIS_URL, prefix=prefix)]
+
+
+def test_count_without_keeping_uncount_and_forget_on_every_store(tmp_path, prefix):
+    for store in _stores(tmp_path, prefix):
+        assert store.count("n", 30, keep=False) == 1  # what an increment would give ...
+        assert store.count("n", 30, keep=False) == 1  # ... left as it was
+        assert [store.count("n", 30) for _ in range(3)] == [1, 2, 3]
+        assert store.count("n", 30, keep=False) == 4 and store.count("n", 30) == 4
+        store.uncount("n")
+        assert store.count("n", 30, keep=False) == 4
+        for _ in range(6):
+            store.uncount("n")  # never below zero
+        assert store.count("n", 30) == 1
+        store.uncount("absent")  # nothing to take back: no key made
+        assert store.ttl("absent") == 0
+        store.remember("seen", 30)
+        store.forget("n")
+        store.forget("seen")
+        assert store.ttl("n") == 0 and store.ttl("seen") == 0
+        assert store.count("n", 30) == 1 and store.remember("seen", 30) is True, type(store).__name__
+
+
+def test_a_full_store_refuses_a_count_it_would_not_keep_as_one_it_would():
+    store = MemoryStore(max_entries=2)
+    store.count("a", 60)
+    store.remember("b", 60)
+    assert store.count("a", 60, keep=False) == 2  # an existing counter needs no room
+    for keep in (True, False):
+        with pytest.raises(StoreUnavailable):
+            store.count("c", 60, keep=keep)
+
+
+def test_load_is_the_share_of_a_bounded_store_in_use(tmp_path):
+    from own_redis import fill, own_redis
+
+    memory = MemoryStore(max_entries=4)
+    assert memory.load() == 0
+    memory.remember("a", 60)
+    memory.count("b", 60)
+    assert memory.load() == 0.5
+
+    class Watchful(SqliteStore):
+        SWEEP_INTERVAL = 0.0
+
+    sqlite = Watchful(tmp_path / "state.sqlite3", max_entries=4)
+    sqlite.remember("a", 60)
+    sqlite.count("b", 60)
+    sqlite.remember("c", 60)  # the sweep before it counted two rows
+    assert sqlite.load() == 0.5
+    with own_redis(tmp_path, maxmemory="4mb") as url:
+        redis_store = RedisStore(url)
+        assert 0 < (redis_store.load() or 0) < 0.5
+        fill(url)
+        time.sleep(RedisStore.LOAD_INTERVAL)
+        assert (redis_store.load() or 0) >= 1
+    assert RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2).load() is None  # cannot tell
+
+
+def test_sqlite_tables_are_stores_with_bounds_of_their_own(tmp_path):
+    class Watchful(SqliteStore):
+        SWEEP_INTERVAL = 0.0
+
+    path = tmp_path / "state.sqlite3"
+    replay = Watchful(path, table="state", max_entries=2)
+    lockout = Watchful(path, table="lockout", max_entries=2)
+    replay.remember("a", 60)
+    replay.remember("b", 60)
+    with pytest.raises(StoreUnavailable):
+        replay.remember("c", 60)
+    assert lockout.count("a", 60) == 1 and lockout.count("b", 60) == 1  # the same keys, another table
+
+
+def test_a_worker_never_creates_a_store_of_its_own_when_the_parents_is_gone(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    parent = SqliteStore(path)
+    identity = parent.file_identity()
+    worker = SqliteStore(path, create=False, identity=identity)
+    assert worker.remember("jti", 60) is True
+    parent.close()
+    worker.close()
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()  # e.g. a temp-folder cleaner
+    with pytest.raises(StoreUnavailable):
+        SqliteStore(path, create=False, identity=identity)
+    with pytest.raises(StoreUnavailable):
+        SqliteStore(path, create=False)  # without an identity too: mode=rw never creates the file
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_refuses_a_store_replaced_under_it(tmp_path):
+    class Watchful(SqliteStore):
+        SWEEP_INTERVAL = 0.0
+
+    path = tmp_path / "state.sqlite3"
+    parent = SqliteStore(path)
+    identity = parent.file_identity()
+    worker = Watchful(path, create=False, identity=identity)
+    assert worker.remember("jti", 60) is True
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    SqliteStore(path).close()  # another file of the same name, empty: the jti would be fresh there
+    other = SqliteStore(path)  # (kept open, so its WAL files are there as the parent's were)
+    with pytest.raises(StoreUnavailable):
+        worker.remember("jti", 60)
+    with pytest.raises(StoreUnavailable):
+        Watchful(path, create=False, identity=identity)
+    other.close()
+    parent.close()

@@ -10,6 +10,15 @@ hash and the key's RFC 7638 thumbprint equal to the token's ``cnf.jkt``.
 A ``jti`` seen before within the window is a replay (§11.1); only fresh
 proofs count against a key's ``max_proofs_per_key``.
 
+The replay store holds every fresh proof for two windows (plus a margin for
+the clocks of replicas that differ), so its capacity, not any one key, is
+what many keys together could use up: once the store is half full, a key
+that has presented more than ``busy_proofs_per_key`` (by default 1% of
+``max_proofs_per_key``) proofs within that time is refused
+(``store_unavailable``) until the store has room again, and the other half
+stays for keys that present few proofs. Filling the store then takes some
+``capacity / 2 / busy_proofs_per_key`` keys, each with a token of its own.
+
 Server nonces (§8/§9) are stateless: a time bucket and its HMAC under a
 secret, valid for the current and the previous bucket, so every replica that
 shares the secret accepts every other's nonces.
@@ -37,6 +46,8 @@ from pdp.store import Store, StoreUnavailable
 MAX_CLAIM_LENGTH = 512
 DEFAULT_ALGORITHMS = frozenset({"ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA"})
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+#: From this share of the replay store's capacity on, only keys within ``busy_proofs_per_key`` record more.
+BUSY_LOAD = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,26 @@ class DpopSettings:
     nonce_lifetime: float = 300.0
     #: Proofs one DPoP key may present within two iat windows (the replay store's memory per key).
     max_proofs_per_key: int = 6000
+    #: Proofs one key may present within two iat windows while the replay store is half full or more;
+    #: None: 1% of ``max_proofs_per_key`` (60 of the default 6000).
+    busy_proofs_per_key: int | None = None
+    #: Seconds a proof is remembered beyond two iat windows: replicas' clocks differ by a little.
+    replay_margin: float = 5.0
     nonce_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False, compare=False)
 
     @property
     def algs_param(self) -> str:
         return " ".join(sorted(self.algorithms))
+
+    @property
+    def busy_quota(self) -> int:
+        return self.busy_proofs_per_key or max(1, self.max_proofs_per_key // 100)
+
+    @property
+    def replay_ttl(self) -> float:
+        """How long a fresh proof's ``jti`` is remembered: any replica may accept it while its ``iat`` lies
+        within the window of that replica's clock."""
+        return 2 * self.iat_window + self.replay_margin
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,23 +96,28 @@ def access_token_hash(token: str) -> str:
 
 
 def normalise_uri(uri: str) -> str:
-    """Scheme and host lower-cased, the default port dropped, query and fragment removed (RFC 3986 §6)."""
+    """Scheme and host lower-cased, the default port dropped, query and fragment removed (RFC 3986 §6).
+
+    ``ValueError`` when the URI cannot be read, or its port is not a number from 0 to 65535: dropped, it
+    would make ``https://h:99999/`` name ``https://h/``."""
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
+    port = parts.port  # ValueError when it is not a port
     netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
     return f"{scheme}://{netloc}{parts.path or '/'}"
 
 
 def request_uri(scheme: str, host: str, path: str) -> str:
-    """The target URI a proof must name, rebuilt from what a gateway reports (§4.3 item 9)."""
-    return normalise_uri(f"{scheme or 'https'}://{host}{path}")
+    """The target URI a proof must name, rebuilt from what a gateway reports (§4.3 item 9); as given when
+    it cannot be normalised, which ``check_proof`` then refuses."""
+    uri = f"{scheme or 'https'}://{host}{path}"
+    try:
+        return normalise_uri(uri)
+    except ValueError:
+        return uri
 
 
 class NonceIssuer:
@@ -190,7 +221,15 @@ def check_proof(proof_header: str | None, *, method: str, uri: str, access_token
     if claims["htm"] != method.upper():
         raise _invalid(f"'htm' {claims['htm'][:16]!r} is not the request method {method!r}")
     # 9. htu
-    if normalise_uri(claims["htu"]) != normalise_uri(uri):
+    try:
+        htu = normalise_uri(claims["htu"])
+    except ValueError as exc:
+        raise _invalid(f"'htu' is not a valid URI: {exc}") from exc
+    try:
+        target = normalise_uri(uri)
+    except ValueError as exc:
+        raise _invalid(f"the request's URI is not valid: {exc}") from exc
+    if htu != target:
         raise _invalid("'htu' does not name this request's URI")
     # 10. nonce
     if settings.require_nonce and not nonces.valid(claims["nonce"], now):
@@ -209,14 +248,19 @@ def check_proof(proof_header: str | None, *, method: str, uri: str, access_token
     # per window, so that one client cannot fill the replay store and lock every other client out.
     # Only fresh proofs count against that quota: a replay is found first and costs its key's owner
     # nothing, so one captured proof cannot lock the owner out. (A fresh proof needs the private key.)
+    # A half-full store takes more only from keys that have presented few proofs (see the docstring).
     replay_key = "dpop:jti:" + hashlib.sha256(f"{proof.jkt}\0{claims['jti']}".encode()).hexdigest()
-    window = 2 * settings.iat_window
+    ttl = settings.replay_ttl
     try:
         if store.ttl(replay_key) > 0:
             raise _replayed()
-        if store.count(f"dpop:n:{proof.jkt}", window) > settings.max_proofs_per_key:
+        used = store.count(f"dpop:n:{proof.jkt}", ttl)
+        if used > settings.max_proofs_per_key:
             raise _invalid("too many DPoP proofs for this key within the window")
-        if not store.remember(replay_key, window):  # the same proof, checked at the same moment elsewhere
+        if used > settings.busy_quota and (store.load() or 0.0) >= BUSY_LOAD:
+            raise StoreUnavailable(f"the replay store is {BUSY_LOAD:.0%} full or more: a key that presented "
+                                   f"more than {settings.busy_quota} proofs within the window waits")
+        if not store.remember(replay_key, ttl):  # the same proof, checked at the same moment elsewhere
             raise _replayed()
     except StoreUnavailable as exc:
         raise Denied(reasons.STORE_UNAVAILABLE, str(exc)) from exc

@@ -179,14 +179,17 @@ def _denial(exc: JwsError) -> Denied:
 
 
 def _binding_claims(claims: dict[str, Any]) -> tuple[str | None, str | None]:
-    cnf = claims.get("cnf") or {}
+    """``cnf.x5t#S256`` and ``cnf.jkt``. A member that is there is a non-empty string, or the token is
+    invalid: an empty one would be "bound" to a decision and "unbound" to an introspection answer."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return None, None
     if not isinstance(cnf, dict):
         raise Denied(reasons.TOKEN_CLAIMS_INVALID, "'cnf' is not an object")
     x5t, jkt = cnf.get("x5t#S256"), cnf.get("jkt")
-    if x5t is not None and not isinstance(x5t, str):
-        raise Denied(reasons.TOKEN_CLAIMS_INVALID, "'cnf.x5t#S256' is not a string")
-    if jkt is not None and not isinstance(jkt, str):
-        raise Denied(reasons.TOKEN_CLAIMS_INVALID, "'cnf.jkt' is not a string")
+    for name, value in (("x5t#S256", x5t), ("jkt", jkt)):
+        if name in cnf and (not isinstance(value, str) or not value):
+            raise Denied(reasons.TOKEN_CLAIMS_INVALID, f"'cnf.{name}' is not a non-empty string")
     return x5t, jkt
 
 

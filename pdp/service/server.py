@@ -234,6 +234,8 @@ class Service:
 
         clients = {c.client_id: c for c in self.config.introspection.clients}
         peer = request.client.host if request.client else ""
+        if len(request.headers.getlist("authorization")) > 1:  # which one would be the client's?
+            return refuse(400, "invalid_request")
         try:
             client = await run_in_threadpool(introspection.basic_client, request.headers.get("authorization"),
                                              clients, limiter=self.introspection_limiter, source=peer)
@@ -253,7 +255,7 @@ class Service:
             log.info("introspection refused from %s: %s", peer, exc)
             return refuse(401, "invalid_client", **{"www-authenticate": 'Basic realm="pdp"'})
         except StoreUnavailable as exc:
-            log.warning("introspection refused: failed attempts cannot be counted: %s", exc)
+            log.warning("introspection refused, right or wrong: the attempt cannot be recorded: %s", exc)
             return refuse(503, "temporarily_unavailable")
         if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
             return refuse(400, "invalid_request")
@@ -339,18 +341,52 @@ WORKER_CONFIG_ENV = "PDP_WORKER_CONFIG"
 def worker_app() -> Any:
     """The app of one ``pdp serve --workers N`` process: its own Service (and gRPC listener, sharing
     the port with SO_REUSEPORT), built from the config the parent handed over in the environment, with
-    the state the workers must share: the DPoP nonce secret and, without ``store.url``, the store."""
+    the state the workers must share: the DPoP nonce secret and, without ``store.url``, the store.
+
+    A worker outlives no parent: once the parent is gone (killed without a chance to stop its workers),
+    the worker stops too, rather than serve on unsupervised."""
+    import signal
+
     from pdp.config import load_config
+    from pdp.store import LOCKOUT_TABLE, SHARED_TABLE, UnavailableStore
 
     spec = json.loads(os.environ[WORKER_CONFIG_ENV])
     setup_logging(spec["log_level"])
     config = load_config(Path(spec["config"])) if spec["config"] else Config.defaults()
     server = dataclasses.replace(config.server, http=spec["http"], grpc=spec["grpc"], grpc_reuse_port=True)
     # One nonce secret for all workers, drawn by the parent unless configured: a DPoP nonce issued by one
-    # worker is good at every other. Without store.url, the parent's SQLite file is the shared store.
+    # worker is good at every other. Without store.url, the parent's SQLite file is the shared store: the
+    # very file the parent made (never a new one, should it be gone), with the DPoP replay state and the
+    # lock-out counters in tables of their own, so neither can fill the other's.
     dpop = dataclasses.replace(config.dpop, nonce_secret=bytes.fromhex(spec["nonce_secret"]))
-    store = SqliteStore(Path(spec["store"])) if spec.get("store") else None
-    return Service(dataclasses.replace(config, server=server, dpop=dpop), store=store).asgi_app()
+    store: Store | None = None
+    lockout_store: Store | None = None
+    if spec.get("store"):
+        path, identity = Path(spec["store"]), spec["store_identity"]
+        try:
+            store = SqliteStore(path, table=SHARED_TABLE, create=False, identity=identity)
+            lockout_store = SqliteStore(path, table=LOCKOUT_TABLE, create=False, identity=identity,
+                                        max_entries=config.introspection.lockout.max_tracked)
+        except StoreUnavailable as exc:
+            log.error("the workers' shared store cannot be opened; what needs it is denied: %s", exc)
+            store = lockout_store = UnavailableStore(str(exc))
+    service = Service(dataclasses.replace(config, server=server, dpop=dpop), store=store)
+    if lockout_store is not None:
+        service.introspection_limiter = service.introspection_limiter.with_store(lockout_store)
+
+    parent = int(spec.get("parent_pid") or 0)
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the pdp serve process %d is gone: this worker stops", parent)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful stop: open requests are answered
+        time.sleep(30.0)
+        os._exit(1)
+
+    if parent:
+        threading.Thread(target=watch_parent, name="pdp-parent-watch", daemon=True).start()
+    return service.asgi_app()
 
 
 class _AnyMethod:
