@@ -192,6 +192,7 @@ class Pdp:
     # -- 0. the request itself
     def _check_request(self, request: CheckRequest) -> None:
         s = self.settings
+        _check_text(request)
         if len(request.headers) > s.max_headers:
             raise Denied(reasons.REQUEST_TOO_LARGE, f"{len(request.headers)} headers (at most {s.max_headers})")
         size = sum(len(k) + len(v) for k, v in request.headers.items())
@@ -379,6 +380,19 @@ def _header_value(value: str) -> str:
     if value.isascii() and value.isprintable():
         return value
     return urllib.parse.quote(value, safe="".join(chr(c) for c in range(0x20, 0x7f)))
+
+
+def _check_text(request: CheckRequest) -> None:
+    """Every text of the request must be Unicode: a lone surrogate (a JSON document may hold "\\ud800")
+    is no character of any request, and the regorus engine dies converting one."""
+    texts = [request.method, request.path, request.host, request.scheme, request.source_address, request.protocol]
+    texts += [part for item in request.headers.items() for part in item]
+    for text in texts:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Denied(reasons.REQUEST_INVALID, "the request holds text that is not Unicode") from None
 
 
 def _port(host: str) -> int:

@@ -131,7 +131,6 @@ class RequestReader:
         return certs is not None and certs.trusts(peer, caller_names)
 
     def read(self, raw: RawRequest) -> CheckRequest:
-        _check_text(raw)
         trusted = self.trusts(raw.peer_address, raw.caller_names)
         subrequest = raw.via is Via.SUBREQUEST
         forwarded = subrequest and trusted and bool(self._family)
@@ -192,19 +191,6 @@ class RequestReader:
             # The TLS peer is the gateway: its certificate names the proxy, not the client.
             return (), None
         return raw.client_chain, raw.client_chain_error
-
-
-def _check_text(raw: RawRequest) -> None:
-    """Every text the request carries must be encodable as UTF-8: a lone surrogate (a JSON document may
-    hold "\\ud800") is no character of any request, and must never reach a policy engine."""
-    texts = [raw.method, raw.target, raw.host or "", raw.scheme, raw.source_address or "", raw.protocol]
-    texts += [part for line in raw.headers for part in line]
-    for text in texts:
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise Denied(reasons.REQUEST_INVALID, "the request holds text that is not Unicode") from None
 
 
 def _headers(lines: tuple[tuple[str, str], ...], single_valued: frozenset[str],
