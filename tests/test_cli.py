@@ -400,7 +400,7 @@ def test_workers_stop_when_their_parent_is_killed_and_the_next_parent_removes_it
 
 
 def test_only_state_folders_of_dead_pdp_parents_are_removed(tmp_path):
-    from pdp.cli import STATE_MARK, STATE_OWNER, _process_started, remove_stale_state
+    from pdp.service.workers import STATE_MARK, STATE_OWNER, _process_started, remove_stale_state
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
