@@ -741,3 +741,35 @@ def test_underscore_spellings_of_pdp_headers_never_reach_the_upstream(make_pdp: 
                                                headers={"x_pdp_subject": "root", "x_pdp-spiffe_id": "spiffe://x/y"}))
     assert decision.allowed
     assert {"x_pdp_subject", "x_pdp-spiffe_id"} <= set(decision.headers_to_remove)
+
+
+# -- found by fuzz/fuzz_pipeline.py: regorus (gordon-to-regorus 0.13) kills the process with SIGSEGV when
+# its input holds a lone surrogate. The one reader refuses such text, but decide() is public and must
+# never take the process down: the decision runs in a child process here, so a crash fails one test.
+
+_LONE_SURROGATE_DECISION = """
+import sys, time
+from pathlib import Path
+from types import MappingProxyType
+from pdp.assemble import build_pdp
+from pdp.config import load_config
+from pdp.request import CheckRequest
+pdp = build_pdp(load_config(Path(sys.argv[1])), probe=False)
+field = sys.argv[2]
+headers = {"x-note": "\\udce1"} if field == "header value" else {"x-\\udce1": "1"} if field == "header name" else {}
+path = "/healthz/\\udce1" if field == "path" else "/healthz"
+decision = pdp.decide(CheckRequest(method="GET", path=path, time=time.time(), headers=MappingProxyType(headers)))
+print(decision.allowed, decision.reason)
+"""
+
+
+@pytest.mark.parametrize("field", ["header value", "header name", "path"])
+def test_lone_surrogate_in_a_request_never_crashes_the_decision(write_setup, field):
+    import subprocess
+    import sys
+
+    config = write_setup(engine="regorus")
+    result = subprocess.run([sys.executable, "-c", _LONE_SURROGATE_DECISION, str(config), field],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.split()[1] != "internal_error"

@@ -570,3 +570,58 @@ def test_load_bundle_refuses_a_private_key(tmp_path: Path, pki):
     with pytest.raises(LoadError) as err:
         load_bundle(path, "corp", None, "certificates.trust_bundles[0].file")
     assert err.value.key == "certificates.trust_bundles[0].file"
+
+
+# -- certificates found by fuzz/fuzz_der.py: any DER is a deny with a reason, never an exception
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes(
+        (size.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+def _signed_as_is(tbs: bytes, ca: Issued) -> bytes:
+    """A certificate over exactly ``tbs``, signed by ``ca`` (ECDSA, SHA-256): what a CA would sign if
+    asked, and no builder would write."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+
+
+def test_certificate_with_an_unknown_version_is_malformed(pki):
+    der = bytearray(pki.leaf.der)
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # version [0] INTEGER 2 (v3)
+    der[at + 4] = 5
+    assert denied(ChainVerifier([bundle("a", pki.root)]), (bytes(der), pki.inter.der)) is reasons.CERT_MALFORMED
+
+
+def test_ca_certificate_as_leaf_with_a_bit_string_name_is_denied(pki):
+    # A CN that is a BIT STRING: cryptography's verifier raises TypeError naming such a certificate.
+    name = b"trust intermediate A"
+    der = pki.inter.der.replace(b"\x0c" + bytes([len(name)]) + name, b"\x03" + bytes([len(name)]) + b"\x00" + name[1:])
+    assert der != pki.inter.der
+    assert denied(ChainVerifier([bundle("a", pki.root)]), (der,)) in (reasons.CERT_MALFORMED, reasons.CERT_UNTRUSTED)
+
+
+def test_signed_certificate_with_a_public_key_off_its_curve_is_malformed(pki):
+    tbs = bytearray(pki.leaf.cert.tbs_certificate_bytes)
+    tbs[tbs.index(b"\x03\x42\x00\x04") + 4 + 63] ^= 1  # the last byte of the P-256 point's y
+    leaf = _signed_as_is(bytes(tbs), pki.inter)
+    assert denied(ChainVerifier([bundle("a", pki.root)]), (leaf, pki.inter.der)) is reasons.CERT_MALFORMED
+
+
+def test_signed_certificate_with_an_unknown_key_algorithm_is_malformed(pki):
+    ec_public_key = bytes.fromhex("06072a8648ce3d0201")  # OID 1.2.840.10045.2.1
+    tbs = pki.leaf.cert.tbs_certificate_bytes.replace(ec_public_key, ec_public_key[:-1] + b"\x09")
+    leaf = _signed_as_is(tbs, pki.inter)
+    assert denied(ChainVerifier([bundle("a", pki.root)]), (leaf, pki.inter.der)) is reasons.CERT_MALFORMED
+
+
+def test_signed_certificate_with_a_subject_that_is_not_utf8_is_malformed(pki):
+    tbs = pki.leaf.cert.tbs_certificate_bytes.replace(b"\x0c\x0bdemo client", b"\x0c\x0bdemo\xffclient")
+    leaf = _signed_as_is(tbs, pki.inter)
+    assert denied(ChainVerifier([bundle("a", pki.root)]), (leaf, pki.inter.der)) is reasons.CERT_MALFORMED

@@ -112,7 +112,7 @@ class ChainVerifier:
     def _verify_uncached(self, chain: tuple[bytes, ...], now: float) -> tuple[CertIdentity, float]:
         try:
             certs = [x509.load_der_x509_certificate(der) for der in chain]
-        except ValueError as exc:
+        except Exception as exc:  # ValueError, InvalidVersion…: whatever the bytes, they are no certificate
             raise Denied(reasons.CERT_MALFORMED, f"not a DER X.509 certificate: {exc}") from exc
         leaf = certs[0]
         try:
@@ -146,10 +146,15 @@ class ChainVerifier:
             except VerificationError as exc:
                 errors.append(f"{bundle.name}: {exc}")
                 continue
-            except ValueError as exc:
+            except Exception as exc:  # ValueError, or TypeError on a name the verifier cannot read
                 raise Denied(reasons.CERT_MALFORMED, f"certificate could not be processed: {exc}") from exc
             revocation_until = check_chain(verified.chain, bundle.crls, now, require=bundle.require_crl)
-            identity = extract_identity(leaf, chain[0], verified.chain, bundle.name)
+            try:
+                identity = extract_identity(leaf, chain[0], verified.chain, bundle.name)
+            except Denied:
+                raise
+            except Exception as exc:  # a CA signed what pdp cannot read (a key off its curve, a non-UTF-8 name)
+                raise Denied(reasons.CERT_MALFORMED, f"the certificate's contents cannot be read: {exc}") from exc
             expires = min(min(c.not_valid_after_utc.timestamp() for c in verified.chain), revocation_until)
             return identity, expires
         raise Denied(reasons.CERT_UNTRUSTED, "; ".join(errors))

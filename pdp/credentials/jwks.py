@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from pdp.credentials.jose import DecodeError, json_object
+from pdp.credentials.jose import DecodeError, b64url_decode, json_object
 from pdp.credentials.weak_keys import roca_vulnerable
 
 log = logging.getLogger("pdp.jwks")
@@ -62,6 +62,10 @@ class KeySet:
         return len(self.keys)
 
 
+#: The base64url members of each public key type (RFC 7518 §6.2.1, §6.3.1; RFC 8037 §2).
+_KEY_MEMBERS = {"RSA": ("n", "e"), "EC": ("x", "y"), "OKP": ("x",)}
+
+
 def parse_jwk(jwk: Mapping[str, Any]) -> JsonWebKey | None:
     """One public verification key, or None when the key is not for signature verification."""
     kty = jwk.get("kty")
@@ -85,6 +89,16 @@ def parse_jwk(jwk: Mapping[str, Any]) -> JsonWebKey | None:
     if alg is not None and not isinstance(alg, str):
         raise KeySetError("'alg' is not a string")
     crv = jwk.get("crv")
+    for member in _KEY_MEMBERS.get(kty, ()):
+        # pyjwt skips characters outside base64url, while an RFC 7638 thumbprint hashes the text as
+        # written: one key would have many thumbprints. Only the one canonical spelling is a key.
+        value = jwk.get(member)
+        try:
+            if not isinstance(value, str):
+                raise DecodeError("not a string")
+            b64url_decode(value)
+        except DecodeError as exc:
+            raise KeySetError(f"'{member}' of the {kty} key is not base64url: {exc}") from exc
     key: Any
     try:
         if kty == "RSA":
