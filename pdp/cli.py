@@ -223,6 +223,13 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_DENY
 
 
+# -- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pdp.bench.run import main as bench
+
+    return bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdp", description="A zero-trust policy decision point.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["regopy", "regorus"])
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_policy_test)
+
+    p = sub.add_parser("bench", help="measure pdp against bare servers and raw operations on loopback")
+    p.add_argument("--quick", action="store_true", help="small counts, one round: well under a minute")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    p.add_argument("--seconds", type=int, help="length of each load run (default 5; --quick 1)")
+    p.add_argument("--rates", help="fixed offered rates in req/s, comma-separated (default 500,1000,2000)")
+    p.add_argument("--out", help="folder for bench.json and bench.png (default: a new temporary folder)")
+    p.add_argument("--json", help="write the JSON here instead (default OUT/bench.json)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
