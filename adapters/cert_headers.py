@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -286,12 +287,19 @@ class CertificateHeaders:
             self._parse: HeaderParser = _single(lambda v: xfcc_chain(v, xfcc_element, xfcc_by))
         else:
             self._parse = parser
+        # A proxy hands over the same client's certificate with every request, from the same address:
+        # each distinct header text is parsed once, and each peer address judged once (both bounded).
+        self._parsed = functools.lru_cache(maxsize=1024)(self._parse_values)
+        self._trusted_address = functools.lru_cache(maxsize=1024)(self._address_trusted)
 
     def trusts(self, peer: str, caller_names: frozenset[str] = frozenset()) -> bool:
         """A peer is trusted by address (a listed network) or, on a mutual-TLS listener, by the
         identity in its certificate (a listed ``spiffe://…`` or ``dns:NAME``)."""
         if caller_names & self.identities:
             return True
+        return bool(self._trusted_address(peer))
+
+    def _address_trusted(self, peer: str) -> bool:
         try:
             address = ipaddress.ip_address(peer)
         except ValueError:
@@ -311,8 +319,13 @@ class CertificateHeaders:
 
     def parse(self, headers: Mapping[str, str]) -> HeaderCertificate:
         """The certificate of ``headers``, whose sender the caller has already found trusted."""
+        found: HeaderCertificate = self._parsed(headers.get(self.header), headers.get(f"{self.header}-chain"))
+        return found
+
+    def _parse_values(self, value: str | None, chain: str | None) -> HeaderCertificate:
+        headers = {k: v for k, v in ((self.header, value), (f"{self.header}-chain", chain)) if v is not None}
         try:
-            chain = self._parse(headers, self.header)
+            parsed = self._parse(headers, self.header)
         except CertHeaderError as exc:
             return HeaderCertificate(error=str(exc))
-        return HeaderCertificate(chain=chain or ())
+        return HeaderCertificate(chain=parsed or ())
