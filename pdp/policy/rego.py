@@ -86,8 +86,11 @@ class RegorusEvaluator:
     def __init__(self, bundle: PolicyBundle) -> None:
         import regorus
 
+        from pdp.policy.builtins import register
+
         self._entrypoint = bundle.entrypoint
         engine = regorus.Engine()
+        register(engine)  # OPA's builtins that regorus lacks (io.jwt.*, crypto.x509.*, …)
         try:
             for name, source in bundle.modules:
                 engine.add_policy(name, source)

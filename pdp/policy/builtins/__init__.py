@@ -1,0 +1,70 @@
+"""OPA builtins the embedded engine (regorus) lacks, provided to it as engine extensions.
+
+Each is written to OPA's documented semantics and error messages and tested
+against OPA's own conformance cases (``tests/test_opa_builtins.py``). An error
+raised here is an evaluation error, which pdp turns into a deny, as OPA's
+strict mode does. A builtin the engine implements itself is never replaced:
+``register`` leaves out any name the engine already knows.
+
+``EXTENSIONS`` lists each builtin with its arity and whether its answer is a
+function of its arguments alone; every non-deterministic one is also in
+``pdp.policy.decision_cache.NONDETERMINISTIC``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pdp.policy.builtins import crypto, jwt, net, strings, x509
+from pdp.policy.builtins._types import BuiltinError
+
+__all__ = ["EXTENSIONS", "BuiltinError", "Extension", "native_builtins", "register"]
+
+
+@dataclass(frozen=True)
+class Extension:
+    name: str
+    nargs: int
+    function: Callable[..., Any]
+    deterministic: bool = True
+
+
+EXTENSIONS: tuple[Extension, ...] = (
+    Extension("io.jwt.decode", 1, jwt.decode),
+    Extension("io.jwt.decode_verify", 2, jwt.decode_verify, deterministic=False),
+    *(Extension(name, 2, fn) for name, fn in sorted(jwt.VERIFIERS.items())),
+    Extension("crypto.x509.parse_certificates", 1, x509.parse_certificates),
+    Extension("crypto.md5", 1, crypto.md5),
+    Extension("crypto.sha1", 1, crypto.sha1),
+    Extension("crypto.sha256", 1, crypto.sha256),
+    Extension("crypto.hmac.md5", 2, crypto.hmac_md5),
+    Extension("crypto.hmac.sha1", 2, crypto.hmac_sha1),
+    Extension("crypto.hmac.sha256", 2, crypto.hmac_sha256),
+    Extension("crypto.hmac.sha512", 2, crypto.hmac_sha512),
+    Extension("crypto.hmac.equal", 2, crypto.hmac_equal),
+    Extension("net.cidr_merge", 1, net.cidr_merge),
+    Extension("net.cidr_contains_matches", 2, net.cidr_contains_matches),
+    Extension("strings.split_n", 3, strings.split_n),
+    Extension("array.flatten", 1, strings.flatten),
+)
+
+
+@functools.cache
+def native_builtins() -> frozenset[str]:
+    """The builtins the installed regorus implements (``opa.runtime().builtins``)."""
+    import regorus
+
+    engine = regorus.Engine()
+    engine.add_policy("builtins.rego", "package pdp_builtins\nnames := opa.runtime().builtins\n")
+    return frozenset(engine.eval_rule("data.pdp_builtins.names"))
+
+
+def register(engine: Any) -> None:
+    """Add every extension the engine lacks to a ``regorus.Engine``."""
+    native = native_builtins()
+    for ext in EXTENSIONS:
+        if ext.name not in native:
+            engine.add_extension(ext.name, ext.nargs, ext.function)
