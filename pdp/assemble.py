@@ -23,6 +23,7 @@ from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier
 from pdp.credentials.tokens import Issuer, TokenVerifier
 from pdp.errors import LoadError
 from pdp.pipeline import DecisionSink, Pdp
+from pdp.policy import callcheck, divergence, rego_ast
 from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle
 from pdp.policy.rego import probe_compile
 from pdp.request_reader import GatewaySettings, RequestReader, UntrustedHeader
@@ -39,6 +40,13 @@ def load_policy(config: Config, *, probe: bool = True) -> PolicyEngine:
     bundle: PolicyBundle = load_bundle(p.paths, entrypoint=p.decision, engine=p.engine, data_files=p.data)
     if probe:
         probe_compile(bundle)
+    if bundle.engine == "regorus":
+        # Refused at load, never discovered per request: calls that cannot run, and constructs that mean
+        # something else here than on OPA (``policy.divergence`` = "warn" lets the latter through, logged).
+        tree = rego_ast.parse(bundle.modules)
+        callcheck.check(tree)
+        for found in divergence.check(tree, p.divergence):
+            log.warning("policy: %s", found)
     return PolicyEngine(bundle, decision_cache_size=p.decision_cache_size)
 
 

@@ -55,6 +55,8 @@ class PolicyConfig:
     decision: str = "pdp/authz/result"
     #: Outcomes kept by the facts the policy reads (``pdp.policy.decision_cache``); 0 turns the cache off.
     decision_cache_size: int = 10_000
+    #: A construct regorus evaluates otherwise than OPA (``pdp.policy.divergence``): "refuse" the policy or "warn".
+    divergence: str = "refuse"
 
 
 @dataclass(frozen=True)
@@ -329,8 +331,12 @@ def _policy(t: _Table, base: Path) -> PolicyConfig:
     data = tuple(_path(base, p) for p in t.strings("data"))
     decision = t.text("decision", PolicyConfig.decision) or PolicyConfig.decision
     cache = t.integer("decision_cache_size", PolicyConfig.decision_cache_size, minimum=0)
+    divergence = t.text("divergence", PolicyConfig.divergence) or PolicyConfig.divergence
+    if divergence not in ("refuse", "warn"):
+        raise ConfigError(t.key("divergence"), "must be one of refuse, warn")
     t.done()
-    return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision, decision_cache_size=cache)
+    return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision, decision_cache_size=cache,
+                        divergence=divergence)
 
 
 def _certificates(t: _Table, base: Path) -> CertificatesConfig:

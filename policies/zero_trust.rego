@@ -89,5 +89,12 @@ spiffe_id_listed(ids) if {
 scope_missing if {
 	some route in matching_routes
 	some scope in object.get(route, "scopes", [])
-	not scope in input.token.scopes
+	not scope in token_scopes
 }
+
+# A token without scopes has none. A rule with a default is never undefined, so `not scope in token_scopes`
+# means the same on every engine; OPA takes `not scope in input.token.scopes` as undefined (and so would
+# allow) when the member is missing, where regorus takes it as true.
+default token_scopes := []
+
+token_scopes := input.token.scopes

@@ -135,3 +135,16 @@ test_public_paths_match_exactly if {
 	not r.allowed
 	r.reason == "cert_required"
 }
+
+test_a_token_without_scopes_has_none if {
+	r := data.pdp.authz.result with input as req("GET", "/orders", cert, {"present": true, "sub": "u"}, bound)
+	not r.allowed
+	r.reason == "insufficient_scope"
+}
+
+test_a_token_without_scopes_is_enough_where_no_scope_is_needed if {
+	routes := [{"prefix": "/", "methods": ["GET"]}]
+	r := data.pdp.authz.result with input as req("GET", "/orders", cert, {"present": true, "sub": "u"}, bound)
+		with data.pdp.config.routes as routes
+	r.allowed
+}
