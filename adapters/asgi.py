@@ -2,7 +2,9 @@
 
 Each HTTP request (and each websocket handshake) becomes a ``CheckRequest``;
 no network hop. On allow the request goes on with the decision's upstream
-headers set, the headers it removes gone, and ``scope["state"]["pdp"]`` (so
+headers set, the headers it removes gone, the query parameters the policy
+sets or removes changed in ``scope["query_string"]``, the policy's response
+headers added to the app's response, and ``scope["state"]["pdp"]`` (so
 ``request.state.pdp``) holding a ``PdpState``: the certificate identity, the
 token's claims and the decision id. On deny the middleware answers itself:
 the decision's status, ``WWW-Authenticate`` and a small JSON body naming the
@@ -100,6 +102,10 @@ class PdpMiddleware:
                 decision_id=decision.decision_id, identity=decision.identity,
                 claims=decision.token.claims if decision.token else None, decision=decision)
             scope["headers"] = _rewrite_headers(scope["headers"], decision)
+            if decision.query_to_set or decision.query_to_remove:
+                scope["query_string"] = _rewrite_query(bytes(scope.get("query_string", b"")), decision)
+            if scope["type"] == "http" and (decision.response_headers or decision.more_response_headers):
+                send = _adding_response_headers(send, decision)
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
             await _deny_http(decision, send)
@@ -134,14 +140,44 @@ def scope_to_raw(scope: Scope, *, via: Via, now: float, caller_names: frozenset[
 def _rewrite_headers(raw: list[tuple[bytes, bytes]], decision: Decision) -> list[tuple[bytes, bytes]]:
     drop = set(decision.headers_to_remove) | set(decision.headers)
     kept = [(k, v) for k, v in raw if k.decode("latin-1").lower() not in drop]
-    return kept + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers.items()]
+    return kept + [(k.encode("latin-1"), v.encode("latin-1"))
+                   for k, v in (*decision.headers.items(), *decision.more_headers)]
+
+
+def _rewrite_query(query: bytes, decision: Decision) -> bytes:
+    """The query with the policy's changes, as Envoy makes them: parameters named in
+    ``query_parameters_to_set`` replaced by the policy's values, then those in ``_remove`` taken out.
+    Names are compared decoded; the parameters left alone keep their bytes as the client sent them."""
+    removed = set(decision.query_to_remove)
+    replaced = {k for k, _ in decision.query_to_set} | removed
+    kept = [part for part in query.split(b"&")
+            if part and urllib.parse.unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) not in replaced]
+    added = [f"{urllib.parse.quote_plus(k)}={urllib.parse.quote_plus(v)}".encode("ascii")
+             for k, v in decision.query_to_set if k not in removed]
+    return b"&".join(kept + added)
+
+
+def _adding_response_headers(send: Send, decision: Decision) -> Send:
+    """``send`` with the policy's ``response_headers_to_add`` set on the app's response."""
+    names = {k.encode("latin-1") for k in decision.response_headers if k != "set-cookie"}  # cookies add up
+    lines = [(k.encode("latin-1"), v.encode("latin-1"))
+             for k, v in (*decision.response_headers.items(), *decision.more_response_headers)]
+
+    async def adding(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            kept = [(k, v) for k, v in message.get("headers", []) if bytes(k).lower() not in names]
+            message = {**message, "headers": kept + lines}
+        await send(message)
+
+    return adding
 
 
 def _denial(decision: Decision) -> tuple[list[tuple[bytes, bytes]], bytes]:
     text, headers = decision.denial()
     body = text.encode()
     headers["content-length"] = str(len(body))
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()], body
+    return [(k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in (*headers.items(), *decision.more_response_headers)], body
 
 
 async def _deny_http(decision: Decision, send: Send) -> None:

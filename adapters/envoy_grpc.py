@@ -7,7 +7,9 @@ host, scheme and headers from ``attributes.request.http``;
 ``context_extensions`` and ``metadata_context`` go to the policy as-is.
 
 An allow is ``OK`` with an ``OkHttpResponse`` (headers to add upstream,
-headers to remove, response headers). A deny is ``UNAUTHENTICATED`` (401) or
+headers to remove, response headers, query parameters to set and to remove).
+The request body (``with_request_body``: ``body``, or ``raw_body`` with
+``pack_as_bytes``) goes to the policy as ``parsed_body``. A deny is ``UNAUTHENTICATED`` (401) or
 ``PERMISSION_DENIED`` (anything else) with a ``DeniedHttpResponse`` holding
 the status, the ``WWW-Authenticate`` challenge and a small JSON body naming the
 reason code. Every failure, even an internal one, is a deny answer, never an
@@ -46,6 +48,7 @@ from pdp.request_reader import RawRequest, Via
 log = logging.getLogger("pdp.envoy")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 
 def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> RawRequest:
@@ -78,6 +81,8 @@ def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> Ra
         source_address=attributes.source.address.socket_address.address,
         time=now,
         context=MappingProxyType(context),
+        # 'body' (with_request_body), or 'raw_body' with pack_as_bytes: the plugin reads them in this order.
+        body=http.body or bytes(http.raw_body),
     )
 
 
@@ -96,6 +101,15 @@ def _add_headers(options: Any, headers: Mapping[str, str]) -> None:
         option.header.key = key
         option.header.value = value
         option.append_action = _OVERWRITE
+
+
+def _append_headers(options: Any, lines: tuple[tuple[str, str], ...]) -> None:
+    """Further lines of a header already set (a second ``set-cookie``), appended after it."""
+    for key, value in lines:
+        option = options.add()
+        option.header.key = key
+        option.header.value = value
+        option.append_action = _APPEND
 
 
 def _set_metadata(meta: struct_pb2.Struct, decision: Decision) -> None:
@@ -117,8 +131,15 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
         response.status.code = code_pb2.OK
         ok = response.ok_response
         _add_headers(ok.headers, decision.headers)
+        _append_headers(ok.headers, decision.more_headers)
         ok.headers_to_remove.extend(decision.headers_to_remove)
         _add_headers(ok.response_headers_to_add, decision.response_headers)
+        _append_headers(ok.response_headers_to_add, decision.more_response_headers)
+        for key, value in decision.query_to_set:
+            parameter = ok.query_parameters_to_set.add()
+            parameter.key = key
+            parameter.value = value
+        ok.query_parameters_to_remove.extend(decision.query_to_remove)
     else:
         body, headers = decision.denial()
         response.status.code = code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
@@ -126,6 +147,7 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
         denied = response.denied_response
         denied.status.code = decision.status
         _add_headers(denied.headers, headers)
+        _append_headers(denied.headers, decision.more_response_headers)
         denied.body = body
     _set_metadata(response.dynamic_metadata, decision)
     return response

@@ -12,6 +12,10 @@ The answer: 200 to allow, with the upstream headers as response headers (the
 proxy copies them upstream) and ``x-envoy-auth-headers-to-remove`` naming the
 headers to strip; the decision's status to deny (401 or 403 for nginx), with ``WWW-Authenticate``
 and a small JSON body naming the reason code.
+
+Such a proxy can add and remove headers but cannot change the query string: the one reader marks the
+request so, and a policy that changes the query on it is a ``policy_error`` deny. A header's value is
+one line here (a second ``set-cookie`` from the policy is not sent).
 """
 
 from __future__ import annotations

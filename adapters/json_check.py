@@ -6,10 +6,16 @@ Request document::
      "scheme": "https", "headers": {"authorization": "Bearer ..."},
      "client_cert": "-----BEGIN CERTIFICATE-----\\n...", "source_address": "10.0.0.7"}
 
-``client_cert`` is the client's chain as PEM, leaf first. The answer is the
-decision: ``allowed``, ``status``, ``reason``, ``message``, ``decision_id``,
-the upstream ``headers``, ``headers_to_remove``, ``response_headers``,
-``body`` and the ``explanation`` (the step trace).
+``client_cert`` is the client's chain as PEM, leaf first. ``body`` (optional,
+a string) is the request body, as Envoy's ``with_request_body`` sends it: the
+policy sees it parsed (``input.parsed_body``) by the request's content type.
+The answer is the decision: ``allowed``, ``status``, ``reason``, ``message``,
+``decision_id``, the upstream ``headers``, ``headers_to_remove``,
+``response_headers``, ``body``, the query changes the policy asks for
+(``query_parameters_to_set``, an object of value lists, and
+``query_parameters_to_remove``) when there are any, further lines of a header
+that cannot be joined (``more_headers``, ``more_response_headers``: pairs)
+when there are any, and the ``explanation`` (the step trace).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pdp.decision import Decision
 from pdp.request_reader import RawRequest, Via
 
 _FIELDS = frozenset({"method", "path", "host", "scheme", "headers", "client_cert", "source_address",
-                     "protocol"})
+                     "protocol", "body"})
 
 
 class RequestDocumentError(ValueError):
@@ -79,6 +85,7 @@ def parse_request(doc: Any, *, now: float, peer_address: str = "") -> RawRequest
         peer_address=peer_address,
         source_address=_string(doc, "source_address", peer_address),
         time=now,
+        body=_string(doc, "body", ""),
     )
 
 
@@ -96,6 +103,17 @@ def render(decision: Decision, explain: bool = True) -> dict[str, Any]:
     }
     if decision.body:
         out["body"] = decision.body
+    if decision.query_to_set:
+        to_set: dict[str, list[str]] = {}
+        for key, value in decision.query_to_set:
+            to_set.setdefault(key, []).append(value)
+        out["query_parameters_to_set"] = to_set
+    if decision.query_to_remove:
+        out["query_parameters_to_remove"] = list(decision.query_to_remove)
+    if decision.more_headers:
+        out["more_headers"] = [list(p) for p in decision.more_headers]
+    if decision.more_response_headers:
+        out["more_response_headers"] = [list(p) for p in decision.more_response_headers]
     if explain:
         out["explanation"] = decision.explanation()
     return out

@@ -39,6 +39,9 @@ class Decision:
     are stripped from it, ``response_headers`` go to the client (on a deny:
     ``WWW-Authenticate``). ``message`` and ``steps`` explain the decision to
     operators; ``reason`` is the stable code callers and metrics see.
+    ``more_headers`` / ``more_response_headers`` are further lines of a header that cannot be joined
+    into one (``set-cookie``), added after the first. ``query_to_set`` (pairs, overwriting parameters of
+    the same name) and ``query_to_remove`` (names) change the query string sent upstream (an allow only).
     """
 
     decision_id: str
@@ -50,6 +53,10 @@ class Decision:
     headers_to_remove: tuple[str, ...] = ()
     response_headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     body: str = ""
+    more_headers: tuple[tuple[str, str], ...] = ()
+    more_response_headers: tuple[tuple[str, str], ...] = ()
+    query_to_set: tuple[tuple[str, str], ...] = ()
+    query_to_remove: tuple[str, ...] = ()
     steps: tuple[Step, ...] = ()
     #: Facts for access logs (Envoy dynamic metadata): verified identity, never credentials.
     metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)

@@ -298,6 +298,11 @@ class Pdp:
 
     # -- 5. decision
     def _decision(self, decision_id: str, request: CheckRequest, outcome: PolicyOutcome, trace: _Trace) -> Decision:
+        if outcome.allowed and not request.query_rewritable and (outcome.query_to_set or outcome.query_to_remove):
+            # A proxy's auth sub-request can add and remove headers, not change the query string: letting
+            # the request through with the query the policy meant to change is not what it allowed.
+            raise Denied(reasons.POLICY_ERROR, "the policy changes the query string, which this entry point "
+                                               "cannot do")
         if not outcome.allowed:
             reason = reasons.by_code(outcome.reason or "policy_denied")
             if reason.status < 400:  # a deny that names a success ("allowed") is still a deny
@@ -331,13 +336,27 @@ class Pdp:
             decision_id=decision_id, allowed=True, status=200, reason=reason_code, message="allowed",
             headers=upstream, headers_to_remove=tuple(remove),
             response_headers={k: _header_value(v) for k, v in outcome.response_headers.items()},
+            more_headers=tuple((k, _header_value(v)) for k, v in outcome.more_headers),
+            more_response_headers=tuple((k, _header_value(v)) for k, v in outcome.more_response_headers),
+            query_to_set=outcome.query_to_set, query_to_remove=outcome.query_to_remove,
             steps=steps, metadata=self._metadata(decision_id, reason_code, trace, outcome),
             identity=identity, token=token,
         )
 
     def _deny(self, decision_id: str, reason: Reason, detail: str, trace: _Trace,
               outcome: PolicyOutcome | None = None) -> Decision:
-        response_headers = {k: _header_value(v) for k, v in outcome.response_headers.items()} if outcome else {}
+        # On a deny the policy's 'headers' go to the client, as opa-envoy-plugin sends them (and pdp adds
+        # 'response_headers_to_add', which the plugin reads on an allow only).
+        response_headers: dict[str, str] = {}
+        more: tuple[tuple[str, str], ...] = ()
+        if outcome is not None:
+            lines = [*outcome.more_headers, *outcome.more_response_headers]
+            for k, v in (*outcome.headers.items(), *outcome.response_headers.items()):
+                if k in response_headers and k == "set-cookie":
+                    lines.append((k, v))
+                else:
+                    response_headers[k] = _header_value(v)
+            more = tuple((k, _header_value(v)) for k, v in lines)
         if reason.challenge:
             dpop = reason.dpop or trace.dpop
             response_headers["www-authenticate"] = challenge(
@@ -353,7 +372,8 @@ class Pdp:
         steps = (*trace.steps, Step("decision", False, f"deny {code}"))
         return Decision(
             decision_id=decision_id, allowed=False, status=status, reason=code,
-            message=detail, response_headers=response_headers, body=outcome.body if outcome else "",
+            message=detail, response_headers=response_headers, more_response_headers=more,
+            body=outcome.body if outcome else "",
             steps=steps, metadata=self._metadata(decision_id, code, trace, outcome), reason_info=reason,
             identity=trace.identity, token=trace.token,
         )
@@ -387,6 +407,8 @@ def _check_text(request: CheckRequest) -> None:
     is no character of any request, and the regorus engine dies converting one."""
     texts = [request.method, request.path, request.host, request.scheme, request.source_address, request.protocol]
     texts += [part for item in request.headers.items() for part in item]
+    if isinstance(request.body, str):
+        texts.append(request.body)
     for text in texts:
         if not text.isascii():
             try:

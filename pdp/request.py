@@ -24,7 +24,9 @@ class CheckRequest:
     is set by an adapter that received certificate bytes it could not decode,
     so that the core denies with ``cert_malformed`` instead of treating the
     request as having no certificate. ``time`` is the Unix time the request is
-    judged at.
+    judged at. ``body`` is the request body as far as the protocol carries it (Envoy's
+    ``with_request_body``, the check document's ``body``): text, or bytes when the protocol hands raw
+    bytes (Envoy's ``raw_body``, ``pack_as_bytes``); empty when none was sent.
     """
 
     method: str
@@ -37,5 +39,9 @@ class CheckRequest:
     client_cert_error: str | None = None
     source_address: str = ""
     protocol: str = "HTTP/1.1"
+    body: str | bytes = ""
+    #: Whether the entry point can change the query string sent upstream (a proxy's auth sub-request
+    #: cannot): a policy that changes it on one that cannot is a ``policy_error`` deny.
+    query_rewritable: bool = True
     #: Adapter-specific facts passed to the policy as-is (Envoy context extensions, metadata...).
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)

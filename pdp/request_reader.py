@@ -93,6 +93,8 @@ class RawRequest:
     caller_names: frozenset[str] = frozenset()
     protocol: str = "HTTP/1.1"
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    #: The request body as far as the protocol carries it (text, or raw bytes), passed on as it is.
+    body: str | bytes = ""
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ class RequestReader:
             method=method.upper(), path=target, host=host, scheme=scheme, headers=MappingProxyType(headers),
             client_cert_chain=chain, client_cert_error=chain_error,
             source_address=raw.source_address if raw.source_address is not None else raw.peer_address,
-            time=raw.time, protocol=raw.protocol, context=raw.context,
+            time=raw.time, protocol=raw.protocol, context=raw.context, body=raw.body,
+            query_rewritable=not subrequest,
         )
 
     def _certificate(self, raw: RawRequest, headers: Mapping[str, str],

@@ -117,7 +117,7 @@ def test_non_object_document(doc: Any) -> None:
         parse_request(doc, now=NOW)
 
 
-@pytest.mark.parametrize("extra", ["body", "Method", "cert", "time", "headerz"])
+@pytest.mark.parametrize("extra", ["Body", "Method", "cert", "time", "headerz"])
 def test_unknown_fields(extra: str) -> None:
     with pytest.raises(RequestDocumentError, match=f"unknown fields: .*{extra}"):
         parse_request({"method": "GET", "path": "/", extra: "x"}, now=NOW)

@@ -418,8 +418,9 @@ def test_policy_evaluation_error_is_a_policy_error_deny(make_pdp: Any, policy_di
         assert decision.status == 403
 
 
-@pytest.mark.parametrize("answer", ['"yes"', "1", "[true]", '{"allowed": "true"}', '{"allowed": true, "extra": 1}',
-                                    '{"allowed": true, "http_status": 99}', '{"allowed": false, "reason": "Bad Code"}',
+@pytest.mark.parametrize("answer", ['"yes"', "1", "[true]", '{"allowed": "true"}',
+                                    '{"allowed": true, "query_parameters_to_remove": "debug"}',
+                                    '{"allowed": false, "http_status": 99}', '{"allowed": false, "reason": "Bad Code"}',
                                     '{"allowed": true, "headers": {"x-a": "b\\r\\nc"}}'])
 def test_policy_answering_garbage_is_a_policy_error(make_pdp: Any, policy_dir: Any, engine: str,
                                                     answer: str) -> None:

@@ -5,19 +5,36 @@
 ext_authz plugin for OPA lays them out, for every adapter, so a policy written
 for that plugin runs unchanged. pdp adds ``input.cert``, ``input.token``,
 ``input.binding`` and ``input.path`` (the path without its query string).
+
+``input.version`` is the plugin's (``{"ext_authz": "v3", "encoding": "protojson"}``), and
+``input.parsed_body`` / ``input.truncated_body`` are always there, as the plugin sets them: the body
+parsed by its ``content-type`` (JSON; ``application/x-www-form-urlencoded`` as lists of values), null
+when there is no body, no content type or another one, and null with ``truncated_body`` true when
+``content-length`` says the body was cut (Envoy's ``with_request_body.max_request_bytes``). A body that
+does not parse is a malformed request, as there.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import urllib.parse
 from typing import Any
 
+from pdp import reasons
 from pdp.certificates.identity import CertIdentity
 from pdp.credentials.tokens import VerifiedToken
+from pdp.errors import Denied
 from pdp.request import CheckRequest
 
 NO_CERT: dict[str, Any] = {"present": False}
 NO_TOKEN: dict[str, Any] = {"present": False}
+#: What the plugin says for an ext_authz v3 request (``envoyauth/request.go``): pdp's document is that one.
+VERSION: dict[str, str] = {"ext_authz": "v3", "encoding": "protojson"}
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -35,6 +52,58 @@ def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
     return segments, parsed_query
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _clean(value: Any) -> Any:
+    """A lone UTF-16 surrogate (``"\\ud800"``) becomes U+FFFD, as Go's JSON decoder makes it."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if not value.isascii() else value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
+    """(parsed_body, truncated_body) as opa-envoy-plugin computes them; ``Denied`` (``request_invalid``)
+    for a body its content type says it is and it is not, or an unreadable ``content-length``."""
+    content_type = headers.get("content-type")
+    if content_type is None:
+        return None, False
+    if "application/json" in content_type:
+        kind = "json"
+    elif "application/x-www-form-urlencoded" in content_type:
+        kind = "form"
+    else:  # multipart/form-data is not parsed (see README); gRPC payloads neither
+        return None, False
+    if not body:
+        return None, False
+    text = body if isinstance(body, str) else body.decode("utf-8", "replace")
+    length = headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length.strip(), 10)
+        except ValueError:
+            raise Denied(reasons.REQUEST_INVALID, "content-length is not a number") from None
+        size = len(body) if isinstance(body, bytes) else len(text.encode("utf-8", "surrogatepass"))
+        if declared != -1 and declared > size:
+            return None, True
+    if kind == "json":
+        try:
+            return _clean(json.loads(text, parse_constant=_no_constant)), False
+        except (ValueError, RecursionError):
+            raise Denied(reasons.REQUEST_INVALID, "the body is not the JSON its content-type says") from None
+    if ";" in text or _BAD_ESCAPE.search(text):
+        raise Denied(reasons.REQUEST_INVALID, "the body is not the form its content-type says")
+    form: dict[str, list[str]] = {}
+    for key, value in urllib.parse.parse_qsl(text, keep_blank_values=True):
+        form.setdefault(key, []).append(value)
+    return form, False
+
+
 def build_input(request: CheckRequest, identity: CertIdentity | None, token: VerifiedToken | None,
                 binding: dict[str, Any]) -> dict[str, Any]:
     path_only = request.path.split("?", 1)[0].split("#", 1)[0]
@@ -43,18 +112,26 @@ def build_input(request: CheckRequest, identity: CertIdentity | None, token: Ver
     if identity is not None:
         source["principal"] = identity.spiffe_id or identity.subject
         source["certificate"] = identity.url_encoded_pem
+    http: dict[str, Any] = {
+        "method": request.method,
+        "path": request.path,
+        "host": request.host,
+        "scheme": request.scheme,
+        "protocol": request.protocol,
+        "headers": dict(request.headers),
+    }
+    parsed_body: Any = None
+    truncated = False
+    if request.body:
+        # As protojson renders the CheckRequest: 'body' text, or 'rawBody' as base64.
+        if isinstance(request.body, str):
+            http["body"] = request.body
+        else:
+            http["rawBody"] = base64.b64encode(request.body).decode("ascii")
+        parsed_body, truncated = parse_body(request.headers, request.body)
     doc: dict[str, Any] = {
         "attributes": {
-            "request": {
-                "http": {
-                    "method": request.method,
-                    "path": request.path,
-                    "host": request.host,
-                    "scheme": request.scheme,
-                    "protocol": request.protocol,
-                    "headers": dict(request.headers),
-                },
-            },
+            "request": {"http": http},
             "source": source,
             "contextExtensions": dict(request.context.get("context_extensions", {})),
             "metadataContext": request.context.get("metadata_context", {}),
@@ -62,6 +139,9 @@ def build_input(request: CheckRequest, identity: CertIdentity | None, token: Ver
         "path": path_only,
         "parsed_path": parsed_path,
         "parsed_query": parsed_query,
+        "parsed_body": parsed_body,
+        "truncated_body": truncated,
+        "version": dict(VERSION),
         "cert": identity.policy_view if identity is not None else NO_CERT,
         "token": token.policy_view if token is not None else NO_TOKEN,
         "binding": binding,

@@ -1,11 +1,23 @@
 """Reading a policy's answer: a boolean, or an object in opa-envoy-plugin's result shape.
 
-Object members: ``allowed`` (required boolean), ``headers``,
-``response_headers_to_add`` (string maps), ``request_headers_to_remove``
-(string list), ``http_status`` (integer, used on deny), ``body`` (string),
-``dynamic_metadata`` (object), and pdp's ``reason`` (a reason code string).
-Anything else in the answer is an error: a policy that answers in a shape
-pdp does not understand is denied, never guessed at.
+Read as opa-envoy-plugin reads it (``envoyauth/response.go``), member by member:
+
+- ``allowed`` (required boolean);
+- ``headers``: an object, or a list of objects whose headers are all taken; a value is a string or a
+  list of strings (the header with each value). Added upstream on an allow, sent to the client on a deny;
+- ``response_headers_to_add`` (same shape): sent to the client on an allow (pdp: on a deny too);
+- ``request_headers_to_remove``, ``query_parameters_to_remove``: lists of strings (allow only);
+- ``query_parameters_to_set``: an object of strings or lists of strings (allow only);
+- ``http_status`` (an integer status) and ``body`` (a string): read on a deny only;
+- ``dynamic_metadata`` (an object);
+- pdp's ``reason`` (a reason code string).
+
+A member the plugin does not read for this verdict is not looked at (a malformed ``body`` on an allow
+is no error there either). Other members are ignored, as the plugin ignores them: they cannot change the
+verdict. A member of the wrong type is an error, and an error is a deny (``policy_error``), never a guess.
+Header values are strings: a number is an error, as in the plugin. Several values of one header are
+joined with ``", "`` (RFC 9110 §5.3), except ``set-cookie``, whose further values are kept apart
+(``more_response_headers``): a cookie cannot share a line with another.
 """
 
 from __future__ import annotations
@@ -19,8 +31,8 @@ from pdp.policy.engine import Undefined
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_KNOWN = frozenset({"allowed", "headers", "response_headers_to_add", "request_headers_to_remove",
-                    "http_status", "body", "dynamic_metadata", "reason"})
+#: Header names whose values cannot be joined into one line.
+_UNJOINABLE = frozenset({"set-cookie"})
 
 
 class PolicyResultError(ValueError):
@@ -37,28 +49,72 @@ class PolicyOutcome:
     http_status: int | None = None
     body: str = ""
     dynamic_metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: ``query_parameters_to_set`` as (name, value) pairs, in order; a name with several values repeats.
+    query_to_set: tuple[tuple[str, str], ...] = ()
+    query_to_remove: tuple[str, ...] = ()
+    #: Further values of an unjoinable header (``set-cookie``) in ``headers`` / ``response_headers_to_add``.
+    more_headers: tuple[tuple[str, str], ...] = ()
+    more_response_headers: tuple[tuple[str, str], ...] = ()
 
 
-def _headers(value: Any, member: str) -> dict[str, str]:
+def _header_pairs(value: Any, member: str) -> list[tuple[str, str]]:
+    """``headers``-shaped member → (lower-case name, value) pairs, every value of every object, in order."""
     if value is None:
-        return {}
+        return []
+    objects = value if isinstance(value, list) else [value]
+    pairs: list[tuple[str, str]] = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise PolicyResultError(f"'{member}' is not an object or a list of objects")
+        for name, v in obj.items():
+            if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+                raise PolicyResultError(f"'{member}' has an invalid header name {name!r}")
+            if isinstance(v, list):
+                if not all(isinstance(x, str) for x in v):
+                    raise PolicyResultError(f"'{member}.{name}' is not a list of strings")
+                values = v
+            elif isinstance(v, str):
+                values = [v]
+            else:
+                raise PolicyResultError(f"'{member}.{name}' is not a string")
+            for text in values:
+                if "\r" in text or "\n" in text or "\0" in text:
+                    raise PolicyResultError(f"'{member}.{name}' contains a control character")
+                pairs.append((name.lower(), text))
+    return pairs
+
+
+def _headers(value: Any, member: str) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+    """One value per name (several joined with ', '), and the further values of unjoinable names."""
+    out: dict[str, list[str]] = {}
+    for name, text in _header_pairs(value, member):
+        out.setdefault(name, []).append(text)
+    more = tuple((n, v) for n, vs in out.items() if n in _UNJOINABLE for v in vs[1:])
+    return {n: vs[0] if n in _UNJOINABLE else ", ".join(vs) for n, vs in out.items()}, more
+
+
+def _strings(value: Any, member: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise PolicyResultError(f"'{member}' must be a list of strings")
+    return tuple(value)
+
+
+def _query_to_set(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
     if not isinstance(value, dict):
-        raise PolicyResultError(f"'{member}' is not an object")
-    out: dict[str, str] = {}
+        raise PolicyResultError("'query_parameters_to_set' must be an object")
+    pairs: list[tuple[str, str]] = []
     for name, v in value.items():
-        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
-            raise PolicyResultError(f"'{member}' has an invalid header name {name!r}")
-        if isinstance(v, list):
-            if not all(isinstance(x, str) for x in v):
-                raise PolicyResultError(f"'{member}.{name}' is not a list of strings")
-            v = ", ".join(v)
-        if not isinstance(v, str | int | float) or isinstance(v, bool):
-            raise PolicyResultError(f"'{member}.{name}' is not a string")
-        text = str(v)
-        if "\r" in text or "\n" in text or "\0" in text:
-            raise PolicyResultError(f"'{member}.{name}' contains a control character")
-        out[name.lower()] = text
-    return out
+        if isinstance(v, str):
+            pairs.append((name, v))
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            pairs += [(name, x) for x in v]
+        else:
+            raise PolicyResultError(f"'query_parameters_to_set.{name}' must be a string or a list of strings")
+    return tuple(pairs)
 
 
 def read_outcome(value: Any) -> PolicyOutcome:
@@ -68,31 +124,36 @@ def read_outcome(value: Any) -> PolicyOutcome:
         return PolicyOutcome(allowed=value)
     if not isinstance(value, dict):
         raise PolicyResultError(f"the policy answered {type(value).__name__}, not a boolean or an object")
-    unknown = set(value) - _KNOWN
-    if unknown:
-        raise PolicyResultError(f"unknown result members: {', '.join(sorted(unknown))}")
     allowed = value.get("allowed")
     if not isinstance(allowed, bool):
         raise PolicyResultError("'allowed' is missing or not a boolean")
     reason = value.get("reason")
     if reason is not None and (not isinstance(reason, str) or _REASON.fullmatch(reason) is None):
         raise PolicyResultError("'reason' must be a lower-case code like 'scope_missing'")
+    meta = value.get("dynamic_metadata", {})
+    if not isinstance(meta, dict):
+        raise PolicyResultError("'dynamic_metadata' must be an object")
+    headers, more_headers = _headers(value.get("headers"), "headers")
+    response_headers, more_response = _headers(value.get("response_headers_to_add"), "response_headers_to_add")
+    if allowed:
+        remove = _strings(value.get("request_headers_to_remove"), "request_headers_to_remove")
+        if not all(_HEADER_NAME.fullmatch(h) for h in remove):
+            raise PolicyResultError("'request_headers_to_remove' must be a list of header names")
+        return PolicyOutcome(
+            allowed=True, reason=reason, headers=headers, response_headers=response_headers,
+            headers_to_remove=tuple(h.lower() for h in remove), dynamic_metadata=meta,
+            query_to_set=_query_to_set(value.get("query_parameters_to_set")),
+            query_to_remove=_strings(value.get("query_parameters_to_remove"), "query_parameters_to_remove"),
+            more_headers=more_headers, more_response_headers=more_response,
+        )
     status = value.get("http_status")
     if status is not None and (not isinstance(status, int) or isinstance(status, bool)
                                or not 200 <= status <= 599):
         raise PolicyResultError("'http_status' must be an integer from 200 to 599")
-    remove = value.get("request_headers_to_remove", [])
-    if not isinstance(remove, list) or not all(isinstance(h, str) and _HEADER_NAME.fullmatch(h) for h in remove):
-        raise PolicyResultError("'request_headers_to_remove' must be a list of header names")
     body = value.get("body", "")
     if not isinstance(body, str):
         raise PolicyResultError("'body' must be a string")
-    meta = value.get("dynamic_metadata", {})
-    if not isinstance(meta, dict):
-        raise PolicyResultError("'dynamic_metadata' must be an object")
     return PolicyOutcome(
-        allowed=allowed, reason=reason, headers=_headers(value.get("headers"), "headers"),
-        response_headers=_headers(value.get("response_headers_to_add"), "response_headers_to_add"),
-        headers_to_remove=tuple(h.lower() for h in remove), http_status=status, body=body,
-        dynamic_metadata=meta,
+        allowed=False, reason=reason, headers=headers, response_headers=response_headers, http_status=status,
+        body=body, dynamic_metadata=meta, more_headers=more_headers, more_response_headers=more_response,
     )
