@@ -397,3 +397,20 @@ def test_replacing_a_regorus_policy_drops_no_engine_on_a_foreign_thread(monkeypa
         thread.join(timeout=10)
     assert results == [1, 2]
     assert unraisable == []
+
+
+def test_an_evaluation_error_carries_no_rust_backtrace() -> None:
+    """With RUST_BACKTRACE set, regorus would symbolise a backtrace for every policy error: milliseconds
+    and tens of MiB kept, per process, paid by every request that errs."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import pdp.policy, regorus\n"
+              "e = regorus.Engine(); e.add_policy('p.rego', 'package p\\nx := count(null)\\n')\n"
+              "try:\n    e.eval_rule('data.p.x')\n"
+              "except BaseException as exc:\n    print('Stack backtrace' in str(exc))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LIB_BACKTRACE"} | {"RUST_BACKTRACE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
+                         check=True).stdout
+    assert out.strip() == "False"
