@@ -35,7 +35,9 @@ def test_the_shipped_policy_reads_eight_facts() -> None:
     ('r if { some k; input.a[k] == 1 }', (("a",),)),
     ('r if input.a.b == 1\nq if input.a == 2', (("a",),)),
     ('import input.attributes.request.http as http\nr if http.method == "GET"', (("attributes", "request", "http"),)),
-    ('r if input . a . b == 1', (("a", "b"),)),
+    ('r if input["\\u0061"] == 1', (("a",),)),
+    ('r if input["a\\tb"] == 1', (("a\tb",),)),
+    ('r if input[ "a" ].b == 1', (("a", "b"),)),
     ('# input[k] in a comment only\nr if input.a == 1', (("a",),)),
     ('r := "input.b" if input.a == 1', (("a",), ("b",))),  # a string naming input counts too
     ('r if data.input.x == 1', ()),
@@ -52,6 +54,8 @@ def test_paths_read(source: str, expected: Any) -> None:
     "r := count(input)",
     'r := "the input"',                      # conservative: a bare word in a string turns the cache off
     "r if input.a == 1 with input as {}",
+    "r if input . a . b == 1",                # not a path this scanner follows: off, not guessed
+    'r if {\n  x := input  # a comment\n  ["b"]\n  x.a == 1\n}',  # '["b"]' is a term of its own
 ])
 def test_a_policy_that_reads_input_whole_is_not_cached(source: str) -> None:
     assert paths(source) is None
@@ -124,3 +128,27 @@ def test_a_reloaded_policy_starts_with_an_empty_cache(tmp_path: Path, make_pdp: 
     pdp = make_pdp()
     assert pdp.policy.decisions is not None
     assert pdp.policy.decisions is not PolicyEngine(pdp.policy.bundle, decision_cache_size=10).decisions
+
+
+@pytest.mark.parametrize(("source", "first", "second"), [
+    ('allow if input["\\u0061"] == 1', {"a": 1}, {"a": 2}),
+    ('allow if input["a\\tb"] == 1', {"a\tb": 1}, {"a\tb": 2}),
+    ('allow if {\n  x := input # note\n  ["b"]\n  x.a == 1\n}', {"a": 1}, {"a": 2}),
+    ('allow if {\n  x := input.a\n  ["b"]\n  x.c == 1\n}', {"a": {"c": 1}}, {"a": {"c": 2}}),
+])
+def test_escaped_keys_and_split_references_never_give_a_false_hit(
+        tmp_path: Path, source: str, first: dict[str, Any], second: dict[str, Any]) -> None:
+    """False hits once found: '\\u0061' was keyed as 'u0061', and a '[' on the next line read as a step."""
+    (tmp_path / "p.rego").write_text(f"package t\nimport rego.v1\ndefault allow := false\n{source}\n")
+    engine = PolicyEngine(load_bundle([tmp_path], entrypoint="t/allow", engine="regorus"), decision_cache_size=16)
+    answers = []
+    for doc in (first, second):
+        cache = engine.decisions
+        key = cache.key(doc) if cache is not None else ""
+        kept = cache.get(key) if cache is not None else None
+        fresh = engine.evaluate(doc)
+        if cache is not None and kept is None:
+            cache.put(key, fresh)
+        answers.append(fresh if kept is None else kept)
+        assert kept is None or kept == fresh
+    assert answers == [True, False]

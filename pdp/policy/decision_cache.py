@@ -25,6 +25,7 @@ entrypoint), so a reload starts empty. It is bounded (``policy.decision_cache_si
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -38,8 +39,10 @@ NONDETERMINISTIC = ("time.now_ns", "rand.intn", "uuid.rfc4122", "http.send", "ne
                     "crypto.x509.parse_and_verify_certificates_with_options", "time.now")
 
 _INPUT = re.compile(r"(?<![\w.])input(?!\w)")
-_STEP = re.compile(r"\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*\"((?:[^\"\\\n]|\\.)*)\"\s*\])")
-_ESCAPE = re.compile(r"\\(.)")
+# A step of a reference follows the one before with nothing between: in Rego, a '[' after a space or a
+# line break starts another term ('x := input' then '["b"]' on the next line reads input whole), so a
+# path stops there, and its prefix is what the key holds.
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*(\"(?:[^\"\\\n]|\\.)*\")\s*\]")
 
 Path = tuple[str, ...]
 
@@ -92,7 +95,13 @@ def input_paths(sources: Iterable[str]) -> tuple[Path, ...] | None:
             steps: list[str] = []
             pos = match.end()
             while (step := _STEP.match(text, pos)) is not None:
-                steps.append(step.group(1) if step.group(1) is not None else _ESCAPE.sub(r"\1", step.group(2)))
+                if step.group(1) is not None:
+                    steps.append(step.group(1))
+                else:
+                    key = _string(step.group(2))
+                    if key is None:
+                        break  # a key pdp cannot read the way Rego does: the path stops before it
+                    steps.append(key)
                 pos = step.end()
             if not steps:
                 return None
@@ -100,6 +109,15 @@ def input_paths(sources: Iterable[str]) -> tuple[Path, ...] | None:
     # A path under another one adds nothing: the shorter one's value holds it.
     kept = sorted(paths)
     return tuple(p for p in kept if not any(p[:len(q)] == q and p != q for q in kept))
+
+
+def _string(literal: str) -> str | None:
+    """A Rego string literal's value: Rego strings are JSON strings ("\\u0061" is "a", "\\t" a tab)."""
+    try:
+        value = json.loads(literal)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _value_at(doc: Any, path: Path) -> Any:
