@@ -18,9 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jwt as pyjwt
 import pytest
 import regorus
 
+from pdp import devpki
 from pdp.policy.builtins import EXTENSIONS, native_builtins, register
 from pdp.policy.decision_cache import NONDETERMINISTIC, DecisionCache
 from pdp.policy.engine import PolicyBundle, PolicyEngine, PolicyEvalError, load_bundle
@@ -316,6 +318,84 @@ def test_jwt_verify_hs256() -> None:
           True)
 
 
+# --- io.jwt: what OPA counts as a key, and how it reads the header (v1/topdown/tokens.go) -------------------
+
+def _hs256(header: dict[str, Any], claims: dict[str, Any], key: bytes) -> str:
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    return f"{signing_input}.{b64url(hmac.new(key, signing_input.encode(), 'sha256').digest())}"
+
+
+def _decode_verify(token: str, constraints: dict[str, Any], *, error: str | None = None, want: Any = None) -> None:
+    check(generated("p := io.jwt.decode_verify(data.token, data.constraints)\n"), want, error=error,
+          data={"token": token, "constraints": constraints})
+
+
+def test_jwt_decode_verify_takes_an_empty_secret_as_no_key() -> None:
+    # tokenConstraints.validate counts a secret only when it is not empty: a token HMAC'd with the empty key
+    # is not verified by {"secret": ""}, and an empty secret beside a certificate is not a second key.
+    token = _hs256({"alg": "HS256"}, {"sub": "admin"}, b"")
+    _decode_verify(token, {"secret": ""}, error="io.jwt.decode_verify: no key constraint")
+    signer = devpki.make_client(devpki.make_ca())
+    signed = pyjwt.encode({"sub": "admin"}, signer.key, algorithm="ES256")
+    _decode_verify(signed, {"cert": signer.pem.decode(), "secret": ""},
+                   want=[True, {"alg": "ES256", "typ": "JWT"}, {"sub": "admin"}])
+    _decode_verify(token, {"secret": "s", "cert": signer.pem.decode()}, error="duplicate key constraints")
+    # io.jwt.verify_hs256 takes its secret as it is, the empty one too, as OPA does.
+    check(generated("p := io.jwt.verify_hs256(data.token, \"\")\n"), True, data={"token": token})
+
+
+def test_jwt_a_certificate_chain_is_refused_and_never_trusts_its_ca() -> None:
+    # getKeysFromCertOrJWK decodes one PEM block and refuses anything after it.
+    ca = devpki.make_ca()
+    leaf = devpki.make_client(ca)
+    chain = (leaf.pem + ca.pem).decode()
+    by_ca = pyjwt.encode({"sub": "admin"}, ca.key, algorithm="ES256")
+    by_leaf = pyjwt.encode({"sub": "admin"}, leaf.key, algorithm="ES256")
+    extra = "extra data after a PEM certificate block"
+    _decode_verify(by_ca, {"cert": chain}, error=f"io.jwt.decode_verify: {extra}")
+    check(generated("p := io.jwt.verify_es256(data.token, data.key)\n"), None, error=f"io.jwt.verify_es256: {extra}",
+          data={"token": by_ca, "key": chain})
+    _decode_verify(by_ca, {"cert": leaf.pem.decode()}, want=UNVERIFIED)
+    _decode_verify(by_leaf, {"cert": leaf.pem.decode()}, want=[True, {"alg": "ES256", "typ": "JWT"}, {"sub": "admin"}])
+    _decode_verify(by_leaf, {"cert": leaf.pem.decode() + "\n"}, error=extra)  # Go's pem.Decode leaves "\n"
+    _decode_verify(by_leaf, {"cert": leaf.key_pem.decode()}, error="failed to extract a Key from the PEM certificate")
+
+
+def test_jwt_decode_verify_reads_the_header_as_opa_does() -> None:
+    claims = {"sub": "admin"}
+    # RFC 7515: no alg, or an alg OPA does not know, is an unverified token, not an error.
+    _decode_verify(_hs256({"typ": "JWT"}, claims, b"s"), {"secret": "s"}, want=UNVERIFIED)
+    _decode_verify(_hs256({"alg": "none"}, claims, b"s"), {"secret": "s"}, want=UNVERIFIED)
+    _decode_verify(_hs256({"alg": "HS256", "kid": 5}, claims, b"s"), {"secret": "s"},
+                   error="io.jwt.decode_verify: kid: must be a string")
+    # A critical parameter OPA understands does not make the token invalid; one it does not, does.
+    _decode_verify(_hs256({"alg": "HS256", "crit": ["alg"]}, claims, b"s"), {"secret": "s"},
+                   want=[True, {"alg": "HS256", "crit": ["alg"]}, claims])
+    _decode_verify(_hs256({"alg": "HS256", "crit": ["x"], "x": 1}, claims, b"s"), {"secret": "s"}, want=UNVERIFIED)
+    # cty is compared without case: this payload is then read as a token, and is none.
+    _decode_verify(_hs256({"alg": "HS256", "cty": "jwt"}, claims, b"s"), {"secret": "s"},
+                   error="encoded JWT had no period separators")
+    _decode_verify(_hs256({"alg": "HS256"}, claims, b"s"), {"secret": "s", "time": -1},
+                   error="token time constraint: must not be negative")
+    # Without an aud constraint, a token's aud must be "" (validAudience against the empty constraint).
+    _decode_verify(_hs256({"alg": "HS256"}, {"aud": ""}, b"s"), {"secret": "s"},
+                   want=[True, {"alg": "HS256"}, {"aud": ""}])
+    _decode_verify(_hs256({"alg": "HS256"}, {"aud": "x"}, b"s"), {"secret": "s"}, want=UNVERIFIED)
+
+
+def test_jwt_a_kid_picks_the_first_key_of_that_kid() -> None:
+    good, other = devpki.new_key(), devpki.new_key()
+    jwks = json.dumps({"keys": [
+        {**json.loads(pyjwt.algorithms.ECAlgorithm.to_jwk(other.public_key())), "kid": "k1"},
+        {**json.loads(pyjwt.algorithms.ECAlgorithm.to_jwk(good.public_key())), "kid": "k1"},
+        {"kty": "RSA", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"},  # an algorithm OPA leaves out
+    ]})
+    token = pyjwt.encode({"sub": "admin"}, good, algorithm="ES256", headers={"kid": "k1"})
+    _decode_verify(token, {"cert": jwks}, want=UNVERIFIED)
+    untagged = pyjwt.encode({"sub": "admin"}, good, algorithm="ES256")
+    _decode_verify(untagged, {"cert": jwks}, want=[True, {"alg": "ES256", "typ": "JWT"}, {"sub": "admin"}])
+
+
 # --- crypto.* ----------------------------------------------------------------------------------------------
 
 def test_crypto_hmac_sha256() -> None:
@@ -359,6 +439,35 @@ CIDR_CONTAINS_MATCHES = [
 @pytest.mark.parametrize(("note", "args", "want"), CIDR_CONTAINS_MATCHES, ids=[c[0] for c in CIDR_CONTAINS_MATCHES])
 def test_net_cidr_contains_matches(note: str, args: str, want: Any) -> None:
     check(generated(f"p := x if {{\n\tx := net.cidr_contains_matches({args})\n}}\n"), want, unordered=True)
+
+
+# netcidrcontainsmatches runs OPA's net.cidr_contains (v1/topdown/cidr.go) on each pair, over Go's net package.
+CIDR_CONTAINS_MATCHES_AS_GO = [
+    ("ipv4-mapped address in an ipv4 network", ["10.0.0.0/8"], ["::ffff:10.0.0.1"], [[0, 0]]),
+    ("ipv4 address in an ipv4-mapped network", ["::ffff:10.0.0.0/104"], ["10.0.0.1"], [[0, 0]]),
+    ("ipv4-mapped network in an ipv4 network", ["10.0.0.0/8"], ["::ffff:10.0.0.0/120"], [[0, 0]]),
+    ("ipv4-mapped address outside the ipv4 network", ["10.0.0.0/8"], ["::ffff:11.0.0.1"], []),
+    ("ipv4-mapped address is not in an ipv6 network", ["::/0"], ["::ffff:10.0.0.1"], []),
+]
+
+
+@pytest.mark.parametrize(("note", "cidrs", "ips", "want"), CIDR_CONTAINS_MATCHES_AS_GO,
+                         ids=[c[0] for c in CIDR_CONTAINS_MATCHES_AS_GO])
+def test_net_cidr_contains_matches_an_ipv4_mapped_address_as_its_ipv4_address(note: str, cidrs: list[str],
+                                                                               ips: list[str], want: Any) -> None:
+    module = generated("p := x if {\n\tx := net.cidr_contains_matches(data.cidrs, data.ips)\n}\n")
+    check(module, want, data={"cidrs": cidrs, "ips": ips}, unordered=True)
+
+
+@pytest.mark.parametrize(("cidrs", "ips", "error"), [
+    (["10.0.0.1"], ["10.0.0.1"], "invalid CIDR address: 10.0.0.1"),
+    (["10.0.0.0/255.0.0.0"], ["10.0.0.1"], "invalid CIDR address: 10.0.0.0/255.0.0.0"),
+    (["fe80::/10"], ["fe80::1%eth0"], "not a valid textual representation of an IP address or CIDR: fe80::1%eth0"),
+])
+def test_net_cidr_contains_matches_refuses_what_go_does_not_parse(cidrs: list[str], ips: list[str],
+                                                                   error: str) -> None:
+    module = generated("p := x if {\n\tx := net.cidr_contains_matches(data.cidrs, data.ips)\n}\n")
+    check(module, None, error=f"net.cidr_contains_matches: {error}", data={"cidrs": cidrs, "ips": ips})
 
 
 def test_net_cidr_contains_matches_bad_set() -> None:

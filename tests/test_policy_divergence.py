@@ -105,6 +105,62 @@ def test_a_construct_that_agrees_is_left_alone(construct: str, as_opa: str) -> N
     assert _found(construct) == []
 
 
+# A rule's name bound as a variable elsewhere in the same rule is still the rule at the `not`:
+# (construct, the form OPA evaluates it as, line of the `not` in the construct).
+RULE_NAME_REUSED = [
+    ('not startswith(r, "x")\nevery r in ["a"] { r == "a" }',
+     't := r\nnot startswith(t, "x")\nevery r in ["a"] { r == "a" }', 1),
+    ('not startswith(r, "x")\nn := count([1 | r := 1])',
+     't := r\nnot startswith(t, "x")\nn := count([1 | r := 1])', 1),
+    ('every x in [1] { r := x }\nnot startswith(r, "x")',
+     'every x in [1] { r := x }\nt := r\nnot startswith(t, "x")', 2),
+]
+
+
+@pytest.mark.parametrize(("construct", "as_opa", "line"), RULE_NAME_REUSED, ids=[c for c, _, _ in RULE_NAME_REUSED])
+def test_a_rule_name_bound_elsewhere_in_the_rule_is_still_the_rule_at_the_not(construct: str, as_opa: str,
+                                                                               line: int) -> None:
+    assert _regorus(construct, INPUT) is True
+    assert _regorus(as_opa, INPUT) is None
+    found = _found(construct)
+    assert [(d.line, d.term) for d in found] == [(PRELUDE.count("\n") + 1 + line, "r")]
+
+
+def test_a_rule_name_bound_in_an_else_body_is_still_the_rule_in_the_first_body() -> None:
+    source = (f'{PRELUDE}allow if {{\n  not startswith(r, "x")\n}} else := false if {{\n  r := "y"\n'
+              f'  r == "z"\n}}\n')
+    engine = regorus.Engine()
+    engine.add_policy("t.rego", source)
+    engine.set_input(INPUT)
+    assert engine.eval_rule("data.t.allow") is True  # OPA: `t := r` is undefined, so is the first body
+    found = divergence.find(rego_ast.parse((("t.rego", source),)))
+    assert [(d.line, d.term) for d in found] == [(PRELUDE.count("\n") + 2, "r")]
+
+
+def test_a_rule_name_bound_before_the_not_in_the_same_query_is_the_variable() -> None:
+    for construct in ('r := "a"\nnot startswith(r, "x")', 'every r in ["a"] { not startswith(r, "x") }',
+                      'n := count([1 | r := "a"; not startswith(r, "x")])'):
+        assert _regorus(construct, INPUT) is True
+        assert _found(construct) == [], construct
+
+
+# An earlier expression that succeeds whatever its terms (`print`), or is evaluated against another input
+# (`with`), does not make a reference defined for a later `not`.
+NOT_REQUIRING = [
+    ('print(input.missing)\nnot startswith(input.missing, "x")',
+     'print(input.missing)\nt := input.missing\nnot startswith(t, "x")'),
+    ('input.missing with input as {"missing": "y"}\nnot startswith(input.missing, "x")',
+     'input.missing with input as {"missing": "y"}\nt := input.missing\nnot startswith(t, "x")'),
+]
+
+
+@pytest.mark.parametrize(("construct", "as_opa"), NOT_REQUIRING, ids=["print", "with"])
+def test_print_or_with_does_not_make_a_reference_defined(construct: str, as_opa: str) -> None:
+    assert _regorus(construct, INPUT) is True
+    assert _regorus(as_opa, INPUT) is None
+    assert [(d.line, d.term) for d in _found(construct)] == [(PRELUDE.count("\n") + 3, "input.missing")]
+
+
 def test_the_forwarded_for_policy_that_allowed_what_opa_denies_is_refused(tmp_path: Path) -> None:
     policy = tmp_path / "authz.rego"
     policy.write_text("""package envoy.authz

@@ -24,14 +24,18 @@ A lifted term is reported when it may be undefined: a reference into
 ``input``, ``data``, a rule, an import or a local variable's members, unless
 an earlier expression of the same body already required it (``route.ids;
 not f(route.ids)``); a call to a function of the bundle; a builtin call over
-such a reference. Bind the term first (``h := input.h.x`` then
+such a reference. Names are scoped as in OPA: a function's arguments for its
+bodies, a `:=` or `some` from its statement to the end of its query, an
+`every` variable inside its own query; elsewhere the name of a rule is the
+rule. `print` succeeds on undefined arguments and requires nothing, and an
+expression under `with` proves nothing about the real input. Bind the term first (``h := input.h.x`` then
 ``not startswith(h, "a")``) or give it a default (``object.get``), so the
 policy means the same on both engines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +47,8 @@ from pdp.policy.rego_ast import (
     REF_KINDS,
     Bundle,
     Module,
-    Node,
     body,
+    children,
     dotted,
     kind,
     line_of,
@@ -79,11 +83,11 @@ class _Scope:
     def __init__(self, bundle: Bundle, module: Module, local: set[str]) -> None:
         self.bundle = bundle
         self.module = module
-        self.local = local
+        self.local = set(local)
         self.defined: set[RefKey] = set()
 
     def copy(self) -> _Scope:
-        scope = _Scope(self.bundle, self.module, self.local)
+        scope = _Scope(self.bundle, self.module, self.local)  # a set of its own
         scope.defined = set(self.defined)
         return scope
 
@@ -125,9 +129,12 @@ def _prefixes(key: RefKey) -> Iterable[RefKey]:
 
 
 def _require(node: Any, scope: _Scope) -> None:
-    """Record every reference a positive expression needs defined (outside comprehensions and `not`)."""
+    """Record every reference a positive expression needs defined (outside comprehensions, `not` and
+    `print`, whose arguments may be undefined)."""
     k = kind(node)
     if not k or k in COMPREHENSION_KINDS or k in ("NotExpr", "Every"):
+        return
+    if k == "Call" and dotted(body(node)["fcn"]) == "print":
         return
     if k in REF_KINDS or k == "Var":
         key = _ref_key(node, scope)
@@ -242,30 +249,53 @@ def _lifted(expr: Any, scope: _Scope) -> list[Any]:
     return _lifted_in_term(expr, scope)
 
 
-def _locals(module: Module, rule: Node) -> set[str]:
-    """Every name a rule binds (assignments, unifications, `some`, `every`, function arguments)."""
+def _names(module: Module, targets: Iterable[Any]) -> set[str]:
+    """The variables named by binding targets: bare spans (`every x in …`, `some x`) or patterns."""
     names: set[str] = set()
-    for node in walk(rule):
-        k = kind(node)
-        b = body(node)
-        targets: list[Any] = []
-        if k == "AssignExpr":
-            targets = [b["lhs"]] + ([b["rhs"]] if b["op"] == "Eq" else [])
-        elif k in ("SomeIn", "Every"):
-            targets = [b.get("key"), b.get("value")]
-        elif k == "Func":
-            targets = list(b.get("args") or [])
-        elif k == "SomeVars":
-            names.update(module.source[s["start"]:s["end"]].decode() for s in b["vars"])
-        for t in targets:
-            if isinstance(t, dict) and "start" in t:  # a bare span names a variable (`every x in …`)
-                names.add(module.source[t["start"]:t["end"]].decode())
-            elif kind(t):
-                names.update(str(body(n)["value"]) for n in walk(t) if kind(n) == "Var")
+    for t in targets:
+        if isinstance(t, dict) and "start" in t:
+            names.add(module.source[t["start"]:t["end"]].decode())
+        elif kind(t):
+            names.update(str(body(n)["value"]) for n in walk(t) if kind(n) == "Var")
     return names
 
 
-def _check_query(query: Any, scope: _Scope, found: list[Divergence]) -> None:
+def _bound(module: Module, literal: Any) -> set[str]:
+    """The names a statement binds for the statements after it: `:=`, `some x`, `some k, v in …`.
+
+    A unification (`=`) binds only names that are not rules or imports, which no check distinguishes
+    from local variables, so it adds nothing here.
+    """
+    k = kind(literal)
+    b = body(literal) if k else {}
+    if k == "Expr" and kind(b["expr"]) == "AssignExpr" and body(b["expr"])["op"] == "ColEq":
+        return _names(module, [body(b["expr"])["lhs"]])
+    if k == "SomeIn":
+        return _names(module, [b.get("key"), b.get("value")])
+    if k == "SomeVars":
+        return _names(module, b["vars"])
+    return set()
+
+
+def _nested(node: Any) -> Iterator[tuple[Any, list[Any], list[Any]]]:
+    """(query, names it binds first, terms evaluated in its scope) of each outermost comprehension and
+    `every` below ``node``."""
+    k = kind(node)
+    if k in COMPREHENSION_KINDS:
+        b = body(node)
+        yield b["query"], [], [b[f] for f in ("term", "key", "value") if b.get(f) is not None]
+        return
+    if k == "Every":
+        b = body(node)
+        yield from _nested(b["domain"])
+        yield b["query"], [b.get("key"), b.get("value")], []
+        return
+    for child in children(node[k] if k else node):
+        yield from _nested(child)
+
+
+def _check_query(query: Any, scope: _Scope, found: list[Divergence]) -> _Scope:
+    """Check each statement in order, with the names bound before it; return the scope at the end."""
     for stmt in query.get("stmts", []):
         literal = stmt["literal"]
         lk = kind(literal)
@@ -278,16 +308,20 @@ def _check_query(query: Any, scope: _Scope, found: list[Divergence]) -> None:
                                             scope.module.text(term)))
                     break
         _check_nested(literal, scope, found)
-        if lk != "NotExpr":
+        if lk != "NotExpr" and not stmt.get("with_mods"):
             _require(literal, scope)
+        scope.local |= _bound(scope.module, literal)
+    return scope
 
 
 def _check_nested(node: Any, scope: _Scope, found: list[Divergence]) -> None:
-    """Check the queries of comprehensions and `every` below ``node``, each in a copy of the scope."""
-    for child in walk(node):
-        k = kind(child)
-        if k in COMPREHENSION_KINDS or k == "Every":
-            _check_query(body(child)["query"], scope.copy(), found)
+    """Check the queries of comprehensions and `every` below ``node``, each in a scope of its own."""
+    for query, names, terms in _nested(node):
+        inner = scope.copy()
+        inner.local |= _names(scope.module, names)
+        inner = _check_query(query, inner, found)
+        for term in terms:
+            _check_nested(term, inner, found)
 
 
 def find(bundle: Bundle) -> list[Divergence]:
@@ -297,11 +331,19 @@ def find(bundle: Bundle) -> list[Divergence]:
         for rule in module.rules:
             if kind(rule) != "Spec":
                 continue
-            local = _locals(module, rule)
-            _check_nested(body(rule)["head"], _Scope(bundle, module, local), found)
-            for rule_body in body(rule).get("bodies", []):
-                _check_query(rule_body["query"], _Scope(bundle, module, local), found)
-    # Comprehensions are visited once per enclosing statement; report each place once.
+            head = body(rule)["head"]
+            args = body(head).get("args") if kind(head) == "Func" else None
+            base = _Scope(bundle, module, _names(module, args or []))
+            bodies = body(rule).get("bodies") or []
+            if not bodies:
+                _check_nested(head, base.copy(), found)
+            for i, rule_body in enumerate(bodies):
+                scope = _check_query(rule_body["query"], base.copy(), found)
+                if i == 0:  # the head's terms see the first body's variables
+                    _check_nested(head, scope, found)
+                if rule_body.get("assign"):  # `else := value if …`
+                    _check_nested(rule_body["assign"]["value"], scope, found)
+    # A place is reached once per body that sees it; report each place once.
     unique: dict[tuple[str, int, str], Divergence] = {}
     for d in found:
         unique.setdefault((d.file, d.line, d.expression), d)

@@ -1,8 +1,10 @@
 """OPA's ``io.jwt.decode``, ``io.jwt.decode_verify`` and ``io.jwt.verify_*`` (RFC 7515, RFC 7519).
 
 Signatures are checked with pyjwt's algorithm implementations over keys read
-by ``cryptography``. Keys are given as OPA takes them: a PEM certificate, a
-PEM public key, or a JWK / JWK Set as JSON text; HMAC secrets as text.
+by ``cryptography``. Keys are given as OPA takes them: one PEM certificate or
+one PEM public key (anything after that block is refused, so a chain never
+makes its CA's key trusted), or a JWK / JWK Set as JSON text; HMAC secrets as
+text, where ``io.jwt.decode_verify`` counts an empty ``secret`` as no key.
 
 A token that cannot be read (no periods, bad base64, a JWE) is an error; a
 signature or claim that does not check out is ``false``, as in OPA.
@@ -22,7 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWKError
@@ -122,18 +124,80 @@ class _Key:
         self.key, self.kid, self.alg = key, kid, alg
 
 
+def _pem_line(data: str) -> tuple[str, str]:
+    """Go's ``pem.getLine``: the first line without its end of line and trailing blanks, and the rest."""
+    i = data.find("\n")
+    if i < 0:
+        return data.rstrip(" \t"), ""
+    j = i + 1
+    if i > 0 and data[i - 1] == "\r":
+        i -= 1
+    return data[:i].rstrip(" \t"), data[j:]
+
+
+def _pem_decode(data: str) -> tuple[str, bytes, str] | None:
+    """Go's ``pem.Decode``: the type and bytes of the first PEM block, and the text after it; or None."""
+    start, end, dashes = "\n-----BEGIN ", "\n-----END ", "-----"
+    rest = data
+    while True:
+        if rest.startswith(start[1:]):
+            rest = rest[len(start) - 1:]
+        elif start in rest:
+            rest = rest[rest.index(start) + len(start):]
+        else:
+            return None
+        type_line, rest = _pem_line(rest)
+        if not type_line.endswith(dashes):
+            continue
+        type_line = type_line[:-len(dashes)]
+        headers = False
+        while rest:  # "Key: value" header lines
+            line, after = _pem_line(rest)
+            key, colon, _ = line.partition(":")
+            if not colon or not key:
+                break
+            headers, rest = True, after
+        if not rest:
+            return None
+        if not headers and rest.startswith(end[1:]):
+            end_index, trailer_index = 0, len(end) - 1
+        else:
+            end_index = rest.find(end)
+            trailer_index = end_index + len(end)
+        if end_index < 0:
+            continue
+        trailer_len = len(type_line) + len(dashes)
+        trailer = rest[trailer_index:trailer_index + trailer_len]
+        if len(trailer) < trailer_len or not trailer.startswith(type_line) or not trailer.endswith(dashes):
+            continue
+        if _pem_line(rest[trailer_index + trailer_len:])[0]:
+            continue
+        try:
+            raw = base64.b64decode(re.sub(r"[ \t\r\n]", "", rest[:end_index]), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        return type_line, raw, _pem_line(rest[end_index + len(end) - 1:])[1]
+
+
 def _keys(name: str, text: str) -> list[_Key]:
-    """Public keys from a PEM certificate (chain), a PEM public key, or a JWK / JWK Set."""
-    if text.startswith("-----BEGIN CERTIFICATE"):
-        try:
-            return [_Key(c.public_key()) for c in x509.load_pem_x509_certificates(text.encode())]
-        except ValueError as exc:
-            raise BuiltinError(name, f"failed to parse a PEM certificate: {exc}") from exc
-    if text.startswith("-----BEGIN"):
-        try:
-            return [_Key(load_pem_public_key(text.encode()))]
-        except (ValueError, TypeError) as exc:
-            raise BuiltinError(name, f"failed to parse a PEM public key: {exc}") from exc
+    """Public keys as OPA reads them (``getKeysFromCertOrJWK``): the key of one PEM certificate, one PEM
+    public key, or the keys of a JWK / JWK Set (those of an algorithm OPA does not know left out)."""
+    block = _pem_decode(text)
+    if block is not None:
+        block_type, der, rest = block
+        if rest:
+            raise BuiltinError(name, "extra data after a PEM certificate block")
+        if block_type == "CERTIFICATE":
+            try:
+                return [_Key(x509.load_der_x509_certificate(der).public_key())]
+            except ValueError as exc:
+                raise BuiltinError(name, f"failed to parse a PEM certificate: {exc}") from exc
+        if block_type == "PUBLIC KEY":
+            try:
+                return [_Key(load_der_public_key(der))]
+            except (ValueError, TypeError) as exc:
+                raise BuiltinError(name, f"failed to parse a PEM public key: {exc}") from exc
+        raise BuiltinError(name, "failed to extract a Key from the PEM certificate")
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -142,6 +206,7 @@ def _keys(name: str, text: str) -> list[_Key]:
         docs = doc["keys"] if isinstance(doc, dict) and "keys" in doc else [doc]
         if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
             raise ValueError("keys must be a list of objects")
+        docs = [d for d in docs if not isinstance(d.get("alg"), str) or d["alg"] in _ALGORITHMS]
         jwks = [(PyJWK.from_dict(d), d) for d in docs]
     except (PyJWKError, ValueError, TypeError, KeyError) as exc:
         raise BuiltinError(name, f"failed to parse a JWK key (set): {exc}") from exc
@@ -149,22 +214,51 @@ def _keys(name: str, text: str) -> list[_Key]:
 
 
 def _verify_with(alg: str, key: Any, token: _Token) -> bool:
-    algorithm = _ALGORITHMS[alg]
+    """Whether ``key`` signed ``token`` under ``alg``; an unknown algorithm or a key of another type is no."""
+    algorithm = _ALGORITHMS.get(alg)
+    if algorithm is None or (alg.startswith("HS") and not isinstance(key, bytes)):
+        return False
     try:
-        if alg.startswith("HS"):
-            if not isinstance(key, bytes):
-                return False
-            return bool(algorithm.verify(token.signing_input, key, token.signature))
         return bool(algorithm.verify(token.signing_input, key, token.signature))
     except (TypeError, ValueError, AttributeError):  # a key of another type than the algorithm's
         return False
 
 
-def _alg(name: str, token: _Token) -> str:
-    alg = token.header.get("alg")
-    if not isinstance(alg, str) or alg not in _ALGORITHMS:
-        raise BuiltinError(name, f"unknown JWS algorithm: {alg}")
-    return alg
+class _Header:
+    """The JOSE header fields OPA reads (``parseTokenHeader``); one of them of the wrong type is an error."""
+
+    def __init__(self, name: str, header: dict[str, Any]) -> None:
+        self.alg = self.kid = self.cty = ""
+        crit: set[str] = set()
+        unknown: list[str] = []
+        for key, value in header.items():
+            if key in ("alg", "kid", "typ", "cty"):
+                if not isinstance(value, str):
+                    raise BuiltinError(name, f"{key}: must be a string")
+                if key != "typ":
+                    setattr(self, key, value)
+            elif key == "crit":
+                if not isinstance(value, list):
+                    raise BuiltinError(name, "crit: must be a list")
+                for item in value:  # OPA stops at the first member that is not a string
+                    if not isinstance(item, str):
+                        break
+                    crit.add(item)
+                if not crit:
+                    raise BuiltinError(name, "crit: must be a nonempty list")
+            else:
+                unknown.append(key)
+        #: RFC 7515: ``alg`` is required, and a critical parameter that is not understood makes it invalid.
+        self.valid = self.alg != "" and not any(u in crit for u in unknown)
+
+
+def _signed_by(keys: list[_Key], header: _Header, token: _Token) -> bool:
+    """OPA's choice of key: the first whose ``kid`` is the token's, else any whose ``alg`` fits."""
+    if header.kid:
+        for k in keys:
+            if k.kid == header.kid:
+                return _verify_with(header.alg, k.key, token)
+    return any(_verify_with(header.alg, k.key, token) for k in keys if k.alg in (None, "", header.alg))
 
 
 def _verifier(alg: str) -> Callable[[Any, Any], bool]:
@@ -177,7 +271,7 @@ def _verifier(alg: str) -> Callable[[Any, Any], bool]:
             return False
         if alg.startswith("HS"):
             return _verify_with(alg, material.encode(), token)
-        return any(_verify_with(alg, k.key, token) for k in _keys(name, material))
+        return _signed_by(_keys(name, material), _Header(name, token.header), token)
 
     verify.__name__ = f"verify_{alg.lower()}"
     return verify
@@ -204,39 +298,41 @@ def decode_verify(jwt: Any, constraints: Any) -> tuple[bool, dict[str, Any], dic
     for key in ("cert", "secret", "alg", "iss", "aud"):
         if key in given and not isinstance(given[key], str):
             raise BuiltinError(name, f"{key} constraint: must be a string")
-    if ("cert" in given) == ("secret" in given):
-        raise BuiltinError(name, "duplicate key constraints" if "cert" in given else "no key constraint")
+    keys = _keys(name, given["cert"]) if "cert" in given else None
+    secret = given.get("secret", "")
+    if keys is not None and secret:
+        raise BuiltinError(name, "duplicate key constraints")
+    if keys is None and not secret:  # OPA counts an empty secret as no key at all
+        raise BuiltinError(name, "no key constraint")
     if "time" in given:
         if isinstance(given["time"], bool) or not isinstance(given["time"], int | float):
-            raise BuiltinError(name, "time constraint: must be a number")
+            raise BuiltinError(name, "token time constraint: must be a number")
         now = _number(given["time"])
+        if now < 0:
+            raise BuiltinError(name, "token time constraint: must not be negative")
     else:
         now = Decimal(time.time_ns())
-    keys = _keys(name, given["cert"]) if "cert" in given else None
     unverified: tuple[bool, dict[str, Any], dict[str, Any]] = (False, {}, {})
 
     token = _Token(name, text)
     while True:
-        alg = _alg(name, token)
-        if "crit" in token.header:  # no critical header extension is understood
+        header = _Header(name, token.header)
+        if not header.valid:
+            return unverified
+        if "alg" in given and given["alg"] and given["alg"] != header.alg:
             return unverified
         if keys is None:
-            if not _verify_with(alg, given["secret"].encode(), token):
+            if not _verify_with(header.alg, secret.encode(), token):
                 return unverified
-        else:
-            kid = token.header.get("kid")
-            chosen = [k for k in keys if kid is not None and k.kid == kid]
-            candidates = chosen or [k for k in keys if k.alg in (None, alg)]
-            if not any(_verify_with(alg, k.key, token) for k in candidates):
-                return unverified
-        if not token.nested:
+        elif not _signed_by(keys, header, token):
+            return unverified
+        if header.cty.lower() != "jwt":
             break
-        token = _Token(name, token.inner())
+        # A nested JWT: its payload, as it stands, is the enclosed token (OPA does not unquote it here).
+        token = _Token(name, token.payload_raw.decode("utf-8", "replace"))
 
-    header = token.header
+    header_doc = token.header
     payload = _json_object(name, "payload", token.payload_raw)
-    if "alg" in given and given["alg"] != header.get("alg"):
-        return unverified
     nanos = Decimal(1_000_000_000)
     if "exp" in payload:
         exp = payload["exp"]
@@ -250,12 +346,13 @@ def decode_verify(jwt: Any, constraints: Any) -> tuple[bool, dict[str, Any], dic
             raise BuiltinError(name, "nbf value must be a number")
         if now < _number(nbf) * nanos:
             return unverified
-    if "iss" in given and payload.get("iss") != given["iss"]:
+    if given.get("iss") and payload.get("iss") != given["iss"]:  # an empty constraint is none, as in OPA
         return unverified
-    aud = payload.get("aud")
-    if "aud" not in given:
-        if "aud" in payload:
+    audience = given.get("aud", "")
+    if "aud" in payload:  # checked even without the constraint: then only "" is the audience
+        aud = payload["aud"]
+        if not (aud == audience if isinstance(aud, str) else isinstance(aud, list) and audience in aud):
             return unverified
-    elif not (aud == given["aud"] or (isinstance(aud, list) and given["aud"] in aud)):
+    elif audience:
         return unverified
-    return True, header, payload
+    return True, header_doc, payload

@@ -1,7 +1,11 @@
 """OPA's ``net.cidr_merge`` and ``net.cidr_contains_matches``.
 
-An IPv4 address without a prefix length is a /32; an IPv6 address needs one
-(OPA refuses it). Networks are written in normal form (host bits cleared).
+For ``net.cidr_merge`` an IPv4 address without a prefix length is a /32; an
+IPv6 address needs one (OPA refuses it). Networks are written in normal form
+(host bits cleared). ``net.cidr_contains_matches`` decides containment as Go's
+``net`` package does for OPA: the networks of its first operand need a prefix
+length, and an IPv4-mapped IPv6 address (``::ffff:10.0.0.1``, as a dual-stack
+socket reports an IPv4 client) is its IPv4 address.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 from pdp.policy.builtins._types import BuiltinError, type_name
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _merge_network(name: str, text: Any) -> Network:
@@ -39,11 +44,41 @@ def cidr_merge(addrs: Any) -> set[str]:
     return {str(n) for n in ipaddress.collapse_addresses(v4)} | {str(n) for n in ipaddress.collapse_addresses(v6)}
 
 
-def _parse(name: str, text: str) -> Network:
+def _parse_cidr(text: str) -> Network | None:
+    """Go's ``net.ParseCIDR``: an address without a zone, a slash and a decimal prefix length."""
+    address, slash, prefix = text.partition("/")
+    if not slash or "%" in address or not (prefix.isascii() and prefix.isdigit()):
+        return None
     try:
         return ipaddress.ip_network(text, strict=False)
-    except ValueError as exc:
-        raise BuiltinError(name, f"invalid CIDR address or IP: {text!r}") from exc
+    except ValueError:
+        return None
+
+
+def _parse_ip(text: str) -> Address | None:
+    """Go's ``net.ParseIP``: an IPv4 or IPv6 address without a zone."""
+    if "%" in text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _to4(address: Address) -> Address:
+    """Go's ``IP.To4``: an IPv4-mapped IPv6 address is the IPv4 address it maps."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _net_contains(network: Network, address: Address) -> bool:
+    """Go's ``IPNet.Contains``: IPv4-mapped addresses, and a network of them, compare as IPv4."""
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+        network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, max(network.prefixlen - 96, 0)),
+                                        strict=False)
+    address = _to4(address)
+    return network.version == address.version and address in network
 
 
 def _entries(name: str, pos: int, value: Any) -> list[tuple[Any, str]]:
@@ -71,16 +106,25 @@ def _entries(name: str, pos: int, value: Any) -> list[tuple[Any, str]]:
     return out
 
 
-def _contains(outer: Network, inner: Network) -> bool:
-    if outer.version != inner.version:
-        return False
-    return inner.network_address in outer and inner.broadcast_address in outer
+def _contains(name: str, cidr: str, cidr_or_ip: str) -> bool:
+    """OPA's ``net.cidr_contains``: an address in the network, or a network's first and last addresses."""
+    outer = _parse_cidr(cidr)
+    if outer is None:
+        raise BuiltinError(name, f"invalid CIDR address: {cidr}")
+    address = _parse_ip(cidr_or_ip)
+    if address is not None:
+        return _net_contains(outer, address)
+    inner = _parse_cidr(cidr_or_ip)
+    if inner is None:
+        raise BuiltinError(name, f"not a valid textual representation of an IP address or CIDR: {cidr_or_ip}")
+    return _net_contains(outer, inner.network_address) and _net_contains(outer, inner.broadcast_address)
 
 
 def cidr_contains_matches(cidrs: Any, cidrs_or_ips: Any) -> set[tuple[Any, Any]]:
     """Every pair (key of a network in ``cidrs``, key of an address or network in ``cidrs_or_ips``)
-    where the first contains the second."""
+    where the first contains the second, as OPA's ``net.cidr_contains`` decides it (Go's ``net`` package:
+    an IPv4-mapped IPv6 address such as a dual-stack socket reports is the IPv4 address)."""
     name = "net.cidr_contains_matches"
-    outer = [(k, _parse(name, a)) for k, a in _entries(name, 1, cidrs)]
-    inner = [(k, _parse(name, a)) for k, a in _entries(name, 2, cidrs_or_ips)]
-    return {(ko, ki) for ko, o in outer for ki, i in inner if _contains(o, i)}
+    outer = _entries(name, 1, cidrs)
+    inner = _entries(name, 2, cidrs_or_ips)
+    return {(ko, ki) for ko, o in outer for ki, i in inner if _contains(name, o, i)}
