@@ -3,8 +3,9 @@
 Each is written to OPA's documented semantics and error messages and tested
 against OPA's own conformance cases (``tests/test_opa_builtins.py``). An error
 raised here is an evaluation error, which pdp turns into a deny, as OPA's
-strict mode does. A builtin the engine implements itself is never replaced:
-``register`` leaves out any name the engine already knows.
+strict mode does. A builtin the engine implements itself is replaced only where
+its answer differs from OPA's in a way that can allow (``replaces_native``);
+``register`` leaves out every other name the engine already knows.
 
 ``EXTENSIONS`` lists each builtin with its arity and whether its answer is a
 function of its arguments alone; every non-deterministic one is also in
@@ -30,6 +31,9 @@ class Extension:
     nargs: int
     function: Callable[..., Any]
     deterministic: bool = True
+    #: Put in place of the engine's own builtin of that name, whose answer differs from OPA's where it
+    #: could allow. Every other extension is registered only where the engine lacks the builtin.
+    replaces_native: bool = False
 
 
 EXTENSIONS: tuple[Extension, ...] = (
@@ -46,6 +50,7 @@ EXTENSIONS: tuple[Extension, ...] = (
     Extension("crypto.hmac.sha512", 2, crypto.hmac_sha512),
     Extension("crypto.hmac.equal", 2, crypto.hmac_equal),
     Extension("net.cidr_merge", 1, net.cidr_merge),
+    Extension("net.cidr_contains", 2, net.cidr_contains, replaces_native=True),
     Extension("net.cidr_contains_matches", 2, net.cidr_contains_matches),
     Extension("strings.split_n", 3, strings.split_n),
     Extension("array.flatten", 1, strings.flatten),
@@ -66,5 +71,5 @@ def register(engine: Any) -> None:
     """Add every extension the engine lacks to a ``regorus.Engine``."""
     native = native_builtins()
     for ext in EXTENSIONS:
-        if ext.name not in native:
+        if ext.name not in native or ext.replaces_native:
             engine.add_extension(ext.name, ext.nargs, ext.function)

@@ -1,4 +1,4 @@
-"""OPA's ``net.cidr_merge`` and ``net.cidr_contains_matches``.
+"""OPA's ``net.cidr_merge``, ``net.cidr_contains`` and ``net.cidr_contains_matches``.
 
 For ``net.cidr_merge`` an IPv4 address without a prefix length is a /32; an
 IPv6 address needs one (OPA refuses it). Networks are written in normal form
@@ -118,6 +118,16 @@ def _contains(name: str, cidr: str, cidr_or_ip: str) -> bool:
     if inner is None:
         raise BuiltinError(name, f"not a valid textual representation of an IP address or CIDR: {cidr_or_ip}")
     return _net_contains(outer, inner.network_address) and _net_contains(outer, inner.broadcast_address)
+
+
+def cidr_contains(cidr: Any, cidr_or_ip: Any) -> bool:
+    """OPA's ``net.cidr_contains``, in place of the engine's own, which does not see an IPv4 client reported
+    as IPv4-mapped IPv6 (``::ffff:10.0.0.1``) in an IPv4 network: a denylist would let it through."""
+    name = "net.cidr_contains"
+    for pos, value in ((1, cidr), (2, cidr_or_ip)):
+        if not isinstance(value, str):
+            raise BuiltinError(name, f"operand {pos} must be string but got {type_name(value)}")
+    return _contains(name, cidr, cidr_or_ip)
 
 
 def cidr_contains_matches(cidrs: Any, cidrs_or_ips: Any) -> set[tuple[Any, Any]]:
