@@ -60,13 +60,18 @@ remove_authorization = true
 """
 
 
+#: Every method the demo routes give a scope rule to. The route naming the callers lists them too: a route
+#: without methods would cover every method, and so let TRACE or any made-up method through.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _demo_data() -> dict[str, object]:
     return {"pdp": {"config": {
         "public_paths": ["/healthz", "/public/"],
         "allowed_trust_domains": ["example.org"],
         "require_bound_token": True,
         "routes": [
-            {"prefix": "/", "spiffe_ids": [CLIENT_ID, "spiffe://example.org/admin/*"]},
+            {"prefix": "/", "methods": list(METHODS), "spiffe_ids": [CLIENT_ID, "spiffe://example.org/admin/*"]},
             {"prefix": "/admin", "spiffe_ids": ["spiffe://example.org/admin/*"], "scopes": ["admin"]},
             {"prefix": "/", "methods": ["GET", "HEAD"], "scopes": ["read"]},
             {"prefix": "/", "methods": ["POST", "PUT", "PATCH", "DELETE"], "scopes": ["write"]},
@@ -118,7 +123,8 @@ def dev_init(target: Path, *, force: bool = False) -> list[Path]:
 
 
 _CURL = (
-    r"""curl -s http://HTTP/v1/check -H 'content-type: application/json' -d "{\"method\": \"GET\", """
+    r"""curl -s --retry 20 --retry-connrefused --retry-delay 1 """
+    r"""http://HTTP/v1/check -H 'content-type: application/json' -d "{\"method\": \"GET\", """
     r"""\"path\": \"/orders\", \"host\": \"api.example.org\", """
     r"""\"headers\": {\"authorization\": \"Bearer $(cat DIR/token.jwt)\"}, """
     r"""\"client_cert\": \"$(awk '{printf "%s\\n", $0}' DIR/CERT)\"}"""
@@ -127,7 +133,8 @@ _CURL = (
 
 
 def curl_command(target: Path, cert: str, http: str = "127.0.0.1:8181") -> str:
-    """A curl call of ``POST /v1/check`` with ``cert`` and the dev token (awk escapes the PEM for JSON)."""
+    """A curl call of ``POST /v1/check`` with ``cert`` and the dev token (awk escapes the PEM for JSON); it
+    waits for a server that is still starting (pasted right after ``pdp serve … &``)."""
     return _CURL.replace("HTTP", http).replace("DIR", str(target)).replace("CERT", cert)
 
 
