@@ -6,16 +6,44 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
+import signal
+import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pdp.errors import ConfigError, PdpError
+from pdp.errors import ConfigError, LoadError, PdpError
 from pdp.service.decision_log import setup_logging
 
+if TYPE_CHECKING:
+    from pdp.credentials.jws import ParsedJws
+    from pdp.credentials.tokens import Issuer
+
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
+
+
+def _print(*parts: object) -> None:
+    """``print`` to standard output for a reader that may stop reading (``pdp check … | head -1``): once it
+    has gone, the rest is dropped, quietly, and the command's exit status stands."""
+    try:
+        print(*parts, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def _drop_stdout() -> None:
+    """Send what is left for standard output, buffered or still to come, nowhere: its reader has gone."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # not a file descriptor (standard output replaced in process)
+        pass
 
 
 def _config(path: str | None) -> Any:
@@ -28,7 +56,8 @@ def _config(path: str | None) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pdp.service.server import Service
+    from pdp.service.grpc_listener import ListenError
+    from pdp.service.server import Service, bind_http
 
     config = _config(args.config)
     overrides = {k: v for k, v in (("http", args.http), ("grpc", args.grpc)) if v is not None}
@@ -53,15 +82,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_workers(config, args.config, host.strip("[]"), int(port), scheme, workers=args.workers,
                              log_level=args.log_level or config.log.level)
     service = Service(config)
-    logging.getLogger("pdp").info("pdp listening on %s://%s (policy %s, engine %s)", scheme, listen,
-                                  service.pdp.policy.version, config.policy.engine)
-    uvicorn.Server(service.uvicorn_config(host.strip("[]"), int(port), log_level="warning")).run()
+    try:
+        # Every listener binds before pdp says it listens: HTTP first, then gRPC (in start()).
+        sock = bind_http(listen)
+        try:
+            service.start()
+        except BaseException:
+            sock.close()
+            raise
+    except ListenError as exc:
+        service.stop()
+        key = "http" if exc.listener == "HTTP" else "grpc"
+        off = "; --grpc '' turns gRPC off" if key == "grpc" else ""
+        print(f"pdp: {exc} (change server.{key} in {args.config or 'a config file'} or pass --{key} "
+              f"HOST:PORT{off})", file=sys.stderr)
+        return EXIT_ERROR
+    grpc = f" and grpc://{service.grpc.address.rsplit(':', 1)[0]}:{service.grpc.port}" if service.grpc else ""
+    logging.getLogger("pdp").info("pdp listening on %s://%s%s (policy %s, engine %s)", scheme,
+                                  _address(sock), grpc, service.pdp.policy.version, config.policy.engine)
+    # SIGHUP re-reads the policy, trust-bundle and JWKS files (it would end the process otherwise);
+    # SIGTERM and SIGINT are uvicorn's: stop accepting, answer what is open, stop gRPC with a grace.
+    signal.signal(signal.SIGHUP, lambda signum, frame: service.reload_now())
+    try:
+        uvicorn.Server(service.uvicorn_config(host.strip("[]"), int(port), log_level="warning")).run(
+            sockets=[sock])
+    finally:
+        sock.close()
+        service.stop()
     return 0
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- check
 def _read(path: str) -> bytes:
     return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+
+
+def _origin_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{value!r} does not start with '/' (a path such as /{value.lstrip('/')})")
+    return value
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -95,17 +159,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         from pdp.adapters.json_check import render
 
-        print(json.dumps(render(decision), indent=2))
+        _print(json.dumps(render(decision), indent=2))
     else:
         verdict = "ALLOW" if decision.allowed else "DENY"
-        print(f"{verdict} {decision.status} {decision.reason}: {decision.message}")
-        print(f"decision {decision.decision_id}")
+        _print(f"{verdict} {decision.status} {decision.reason}: {decision.message}")
+        _print(f"decision {decision.decision_id}")
         for step in decision.steps:
-            print(f"  {'ok  ' if step.ok else 'FAIL'} {step.name:<10} {step.detail}")
+            _print(f"  {'ok  ' if step.ok else 'FAIL'} {step.name:<10} {step.detail}")
         for name, value in decision.headers.items():
-            print(f"  upstream header {name}: {value}")
+            _print(f"  upstream header {name}: {value}")
         for name, value in decision.response_headers.items():
-            print(f"  response header {name}: {value}")
+            _print(f"  response header {name}: {value}")
     if decision.reason == reasons.INTERNAL_ERROR.code:
         return EXIT_ERROR
     return EXIT_ALLOW if decision.allowed else EXIT_DENY
@@ -136,20 +200,20 @@ def cmd_cert_inspect(args: argparse.Namespace) -> int:
     view["verification"] = verified_by
     view["chain_length"] = len(chain)
     if args.json:
-        print(json.dumps(view, indent=2))
+        _print(json.dumps(view, indent=2))
         return 0
-    print(f"x5t#S256 (RFC 8705): {identity.thumbprint}")
-    print(f"subject:    {identity.subject}")
-    print(f"issuer:     {identity.issuer}")
-    print(f"serial:     {identity.serial}")
-    print(f"valid:      {_iso(identity.not_before)} .. {_iso(identity.not_after)}")
-    print(f"spiffe id:  {identity.spiffe_id or '-'}  (trust domain {identity.trust_domain or '-'})")
+    _print(f"x5t#S256 (RFC 8705): {identity.thumbprint}")
+    _print(f"subject:    {identity.subject}")
+    _print(f"issuer:     {identity.issuer}")
+    _print(f"serial:     {identity.serial}")
+    _print(f"valid:      {_iso(identity.not_before)} .. {_iso(identity.not_after)}")
+    _print(f"spiffe id:  {identity.spiffe_id or '-'}  (trust domain {identity.trust_domain or '-'})")
     for label, values in (("dns", identity.dns), ("uri", identity.uris), ("email", identity.emails),
                           ("ip", identity.ips)):
         if values:
-            print(f"san {label}:    {', '.join(values)}")
-    print(f"key:        {identity.key_type} {identity.key_size} bits")
-    print(f"chain:      {len(chain)} certificate(s), {verified_by}")
+            _print(f"san {label}:    {', '.join(values)}")
+    _print(f"key:        {identity.key_type} {identity.key_size} bits")
+    _print(f"chain:      {len(chain)} certificate(s), {verified_by}")
     return 0
 
 
@@ -163,6 +227,9 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     from pdp.credentials.jws import JwsError, parse_compact
     from pdp.errors import Denied
 
+    if args.file == "-" and sys.stdin.isatty():
+        print("pdp token inspect: reading a token from standard input (end it with Ctrl-D), or give a FILE",
+              file=sys.stderr)
     token = _read(args.file).decode("utf-8", "replace").strip()
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
@@ -172,21 +239,44 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     except (JwsError, DecodeError) as exc:
         print(f"not a readable JWS: {exc}", file=sys.stderr)
         return EXIT_DENY
-    status = "not checked (give --config to verify against the configured issuers)"
+    out: dict[str, Any] = {"header": parsed.header, "claims": claims,
+                           "signature": "not checked (give --config to verify against the configured issuers)"}
     ok = True
     if args.config:
         from pdp.assemble import build_key_sources, build_token_verifier
 
         config = _config(args.config)
         verifier = build_token_verifier(config, build_key_sources(config))
+        now = time.time()
+        # The signature on its own, so that a well-signed token that has expired says both.
+        out["signature"] = _signature(verifier.issuers, parsed, claims, now)
         try:
-            verifier.verify(token, time.time())
-            status = "valid (signature and claims verified)"
+            verifier.verify(token, now)
+            out["verdict"] = "valid (signature and claims verified)"
         except Denied as exc:
-            status, ok = f"INVALID {exc.reason.code}: {exc.detail}", False
-    out = {"header": parsed.header, "claims": claims, "signature": status}
-    print(json.dumps(out, indent=2))
+            out["verdict"], ok = f"INVALID {exc.reason.code}: {exc.detail}", False
+    _print(json.dumps(out, indent=2))
     return 0 if ok else EXIT_DENY
+
+
+def _signature(issuers: Mapping[str, Issuer], parsed: ParsedJws, claims: Any, now: float) -> str:
+    """Whether a configured key of the token's issuer signed it, whatever its claims say."""
+    from pdp.credentials.jws import JwsError, verify
+
+    iss = claims.get("iss") if isinstance(claims, dict) else None
+    issuer = issuers.get(iss) if isinstance(iss, str) else None
+    if issuer is None:
+        return f"not checked: issuer {iss!r} is not configured"
+    keys = issuer.keys.current()
+    if keys is None and issuer.keys.refresh(now):
+        keys = issuer.keys.current()
+    if keys is None:
+        return f"not checked: the keys of issuer {iss!r} cannot be loaded"
+    try:
+        key = verify(parsed, keys, issuer.algorithms)
+    except JwsError as exc:
+        return f"BAD: {exc}"
+    return f"good (key {key.kid!r} of {iss})" if key.kid else f"good (a key of {iss})"
 
 
 # -- dev init
@@ -199,13 +289,30 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(f"pdp dev init: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"wrote a development setup to {target}/ (CA, client.pem, other.pem, issuer key, jwks.json, "
-          f"token.jwt, policy/, pdp.toml)\n")
-    print(f"start the service:\n  pdp serve --config {target}/pdp.toml\n")
-    print(f"ask it from the command line:\n  pdp check --config {target}/pdp.toml --cert {target}/client.pem "
-          f"--token {target}/token.jwt --method GET --path /orders\n")
-    print(curl_examples(target))
+    _print(f"wrote a development setup to {target}/ (CA, client.pem, other.pem, issuer key, jwks.json, "
+           f"token.jwt, policy/, pdp.toml)\n")
+    command = _pdp_command()
+    _print(f"start the service (in the background; the curl calls below wait for it):\n"
+           f"  {command} serve --config {target}/pdp.toml &\n")
+    _print(f"ask it from the command line:\n  {command} check --config {target}/pdp.toml --cert {target}/client.pem "
+           f"--token {target}/token.jwt --method GET --path /orders\n")
+    _print(curl_examples(target))
     return 0
+
+
+def _pdp_command() -> str:
+    """How this ``pdp`` was started, for commands to paste: ``pdp`` when that is what ``PATH`` finds,
+    else the path it was run by (``.venv/bin/pdp``), or ``python -m pdp``."""
+    import shlex
+    import shutil
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "__main__.py" or argv0.name != "pdp":
+        return f"{shlex.quote(sys.executable)} -m pdp"
+    found = shutil.which("pdp")
+    if found is not None and Path(found).resolve() == argv0.resolve():
+        return "pdp"
+    return shlex.quote(str(argv0))
 
 
 # -- policy test
@@ -218,9 +325,22 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.paths] or [DEFAULT_POLICY_DIR]
     engine = args.engine or "regorus"
     bundle = load_bundle(paths, entrypoint="data", engine=engine, include_tests=True)
-    probe_compile(bundle)
-    ok = report(run_tests(bundle), sys.stdout, verbose=args.verbose)
-    return 0 if ok else EXIT_DENY
+    try:
+        probe_compile(bundle)
+    except LoadError as exc:  # regopy only: it is compiled in a child process, which rego-cpp may abort
+        uses_with = any(re.search(r"\bwith\s+(input|data)\b", source) for _, source in bundle.modules)
+        why = ("cannot run the `with` expressions these tests use" if uses_with
+               else f"cannot compile these modules ({exc.message})")
+        print(f"pdp policy test: the regopy engine (rego-cpp) {why}; run them on regorus, the default "
+              "(pdp policy test without --engine)", file=sys.stderr)
+        return EXIT_ERROR
+    results = run_tests(bundle)
+    try:
+        report(results, sys.stdout, verbose=args.verbose)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+    return 0 if results and all(r.outcome == "PASS" for r in results) else EXIT_DENY
 
 
 # -- bench
@@ -231,8 +351,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdp import __version__
+
     parser = argparse.ArgumentParser(prog="pdp", description="A zero-trust policy decision point.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"pdp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the decision service")
     p.add_argument("--config", help="the TOML config file (default: embedded defaults)")
@@ -240,44 +363,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc", help="HOST:PORT for Envoy's gRPC ext_authz (overrides server.grpc; '' turns it off)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--workers", type=int, default=1, help="processes serving the same ports (default 1)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, command_parser=p)
 
     p = sub.add_parser("check", help="decide on one request given as files; exit 0 allow, 1 deny, 2 error")
     p.add_argument("--config", help="the TOML config file")
     p.add_argument("--cert", help="client certificate chain (PEM, leaf first; - for stdin)")
     p.add_argument("--token", help="file holding the access token (- for stdin)")
     p.add_argument("--method", default="GET")
-    p.add_argument("--path", default="/")
+    p.add_argument("--path", default="/", type=_origin_path, help="the request path, with its query (default /)")
     p.add_argument("--host", default="")
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=cmd_check, command_parser=p)
 
     cert = sub.add_parser("cert", help="certificate tools").add_subparsers(dest="cert_command", required=True)
     p = cert.add_parser("inspect", help="identity and RFC 8705 thumbprint of a PEM certificate")
     p.add_argument("file")
     p.add_argument("--config", help="also verify the chain against the configured trust bundles")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_cert_inspect)
+    p.set_defaults(func=cmd_cert_inspect, command_parser=p)
 
     tok = sub.add_parser("token", help="token tools").add_subparsers(dest="token_command", required=True)
     p = tok.add_parser("inspect", help="header and claims of a JWT, with its signature status")
     p.add_argument("file", nargs="?", default="-")
     p.add_argument("--config", help="verify against the configured issuers")
-    p.set_defaults(func=cmd_token_inspect)
+    p.set_defaults(func=cmd_token_inspect, command_parser=p)
 
     dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="dev_command", required=True)
     p = dev.add_parser("init", help="write a working dev setup (PKI, issuer, token, policy, config)")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.set_defaults(func=cmd_dev_init)
+    p.set_defaults(func=cmd_dev_init, command_parser=p)
 
     pol = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
     p = pol.add_parser("test", help="run test_ rules, like `opa test`")
     p.add_argument("paths", nargs="*", help="policy folders or files (default: the shipped policy)")
     p.add_argument("--engine", choices=["regopy", "regorus"])
     p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=cmd_policy_test)
+    p.set_defaults(func=cmd_policy_test, command_parser=p)
 
     p = sub.add_parser("bench", help="measure pdp against bare servers and raw operations on loopback")
     p.add_argument("--quick", action="store_true", help="small counts, one round: well under a minute")
@@ -286,22 +409,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", help="fixed offered rates in req/s, comma-separated (default 500,1000,2000)")
     p.add_argument("--out", help="folder for bench.json and bench.png (default: a new temporary folder)")
     p.add_argument("--json", help="write the JSON here instead (default OUT/bench.json)")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, command_parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:  # bare `pdp`: what it can do, rather than a one-line usage error
+        parser.print_help()
+        return EXIT_ERROR
+    if unknown:  # the usage of the command that was given (`pdp serve --bogus`), not the top level's
+        command_parser: argparse.ArgumentParser = args.command_parser
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    result = EXIT_ERROR
     try:
-        result: int = args.func(args)
-        return result
+        result = args.func(args)
+    except BrokenPipeError:  # the reader of standard output has gone before the command could finish
+        _drop_stdout()
     except ConfigError as exc:
         print(f"pdp: configuration error: {exc}", file=sys.stderr)
     except (OSError, PdpError, ValueError) as exc:
         print(f"pdp: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
-    return EXIT_ERROR
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+    return result
 
 
 if __name__ == "__main__":

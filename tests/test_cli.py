@@ -106,13 +106,15 @@ def test_token_inspect_with_and_without_verification(dev, tmp_path):
     assert out["signature"].startswith("not checked")
     verified = pdp("token", "inspect", "--config", str(dev / "pdp.toml"), stdin=(dev / "token.jwt").read_bytes())
     assert verified.returncode == 0
-    assert json.loads(verified.stdout)["signature"].startswith("valid")
+    assert json.loads(verified.stdout)["signature"].startswith("good")
+    assert json.loads(verified.stdout)["verdict"].startswith("valid")
     header, claims, sig = (dev / "token.jwt").read_text().strip().split(".")
     forged = tmp_path / "forged.jwt"
     forged.write_text(f"{header}.{claims}.{sig[:-4]}AAAA")
     bad = pdp("token", "inspect", str(forged), "--config", str(dev / "pdp.toml"))
     assert bad.returncode == 1
-    assert json.loads(bad.stdout)["signature"].startswith("INVALID token_signature_invalid")
+    assert json.loads(bad.stdout)["signature"].startswith("BAD")
+    assert json.loads(bad.stdout)["verdict"].startswith("INVALID token_signature_invalid")
 
 
 def test_policy_test_runs_the_shipped_tests_like_opa_test():
@@ -429,3 +431,226 @@ def test_only_state_folders_of_dead_pdp_parents_are_removed(tmp_path):
     for kept in (alive, reused, unmarked, foreign, shared, other):
         assert kept.is_dir(), kept
     assert link.is_symlink()
+
+
+# -- pdp serve: taken ports, signals
+
+
+@pytest.mark.parametrize("listener", ["http", "grpc"])
+def test_serve_on_a_taken_port_names_the_address_and_the_setting_in_one_line(dev, listener):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        ports = {"http": f"127.0.0.1:{free_port()}", "grpc": f"127.0.0.1:{free_port()}", listener: busy}
+        result = pdp("serve", "--config", str(dev / "pdp.toml"), "--http", ports["http"], "--grpc", ports["grpc"],
+                     timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback, no "listening" before it
+    assert lines[0].startswith(f"pdp: cannot listen on {busy} for {'HTTP' if listener == 'http' else 'gRPC'}: "
+                               "address already in use")
+    assert f"server.{listener}" in lines[0] and f"--{listener} HOST:PORT" in lines[0]
+
+
+def _dev_copy(tmp_path: Path) -> Path:
+    from pdp.devinit import dev_init
+
+    dev_init(tmp_path / "dev")
+    config = tmp_path / "dev" / "pdp.toml"
+    config.write_text(config.read_text().replace("reload_interval = 2.0", "reload_interval = 0"))
+    return tmp_path / "dev"
+
+
+def test_sighup_reloads_the_policy_files_and_the_server_keeps_serving(tmp_path):
+    import time
+
+    setup = _dev_copy(tmp_path)  # polling off: only the signal can bring the change in
+    port = free_port()
+    server = _serve("--config", str(setup / "pdp.toml"), port=port)
+    url = f"http://127.0.0.1:{port}/v1/check"
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        assert httpx.post(url, json={"method": "GET", "path": "/orders"}).json()["reason"] == "cert_required"
+        data_file = setup / "policy" / "data.json"
+        data = json.loads(data_file.read_text())
+        data["pdp"]["config"]["public_paths"].append("/orders")
+        data_file.write_text(json.dumps(data))
+        os.kill(server.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while httpx.post(url, json={"method": "GET", "path": "/orders"}).json()["reason"] != "public_path":
+            assert server.poll() is None, "SIGHUP ended the server"
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+            time.sleep(0.1)
+    finally:
+        _stop(server)
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(dev):
+    import socket
+
+    port = free_port()
+    server = _serve("--config", str(dev / "pdp.toml"), port=port)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        body = json.dumps({"method": "GET", "path": "/healthz"}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n" % len(body) + body[:10])
+            os.killpg(server.pid, signal.SIGTERM)
+            wait_for_listener_closed(port)
+            conn.sendall(body[10:])
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        _, err = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            _stop(server)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["allowed"] is True
+    assert server.returncode in (0, -signal.SIGTERM)  # uvicorn ends by the signal once it has drained
+    assert b"Traceback" not in err
+
+
+def wait_for_listener_closed(port: int, timeout: float = 20.0) -> None:
+    """Until a new connection to ``port`` is refused: the server has begun to stop."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"127.0.0.1:{port} still accepts connections")
+
+
+# -- output to a reader that stops reading
+
+
+def _to_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run pdp with standard output a pipe nobody reads any more (``pdp check … | head -1`` once head is done)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([PDP, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              check=False)
+    finally:
+        os.close(write)
+
+
+def test_a_broken_pipe_keeps_the_exit_status_and_says_nothing(dev):
+    deny = _to_a_closed_pipe("check", "--config", str(dev / "pdp.toml"), "--cert", str(dev / "other.pem"),
+                             "--token", str(dev / "token.jwt"), "--path", "/orders")
+    assert (deny.returncode, deny.stderr) == (1, "")
+    allow = _to_a_closed_pipe("check", "--config", str(dev / "pdp.toml"), "--cert", str(dev / "client.pem"),
+                              "--token", str(dev / "token.jwt"), "--path", "/orders", "--json")
+    assert (allow.returncode, allow.stderr) == (0, "")
+    tests = _to_a_closed_pipe("policy", "test", "-v")
+    assert (tests.returncode, tests.stderr) == (0, "")
+    inspect = _to_a_closed_pipe("cert", "inspect", str(dev / "client.pem"))
+    assert (inspect.returncode, inspect.stderr) == (0, "")
+
+
+# -- finding one's way
+
+
+def test_bare_pdp_prints_the_help_with_every_command():
+    result = pdp()
+    assert result.returncode == 2
+    for command in ("serve", "check", "cert", "token", "dev", "policy"):
+        assert command in result.stdout
+    assert "error" not in result.stderr
+
+
+def test_pdp_version_prints_the_package_version():
+    import pdp as package
+
+    assert pdp("--version").stdout.strip() == f"pdp {package.__version__}"
+    module = subprocess.run([sys.executable, "-m", "pdp", "--version"], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert (module.returncode, module.stdout.strip()) == (0, f"pdp {package.__version__}")
+
+
+def test_an_unknown_option_shows_the_usage_of_its_command():
+    result = pdp("serve", "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: pdp serve ") and "--workers" in result.stderr
+    assert "pdp serve: error: unrecognized arguments: --bogus" in result.stderr
+
+
+def test_token_inspect_on_a_terminal_says_it_reads_standard_input(dev):
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen([PDP, "token", "inspect"], stdin=terminal, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        os.write(controller, (dev / "token.jwt").read_bytes().strip() + b"\n\x04")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "reading a token from standard input" in err and "Ctrl-D" in err
+    assert json.loads(out)["claims"]["sub"] == "demo-user"
+
+
+def test_the_commands_dev_init_prints_work_when_pasted(tmp_path):
+    """Pasted at once, `pdp serve … &` and the curl calls right after it: the calls wait for the server, and
+    `pdp` is the one that printed them, not whatever PATH holds."""
+    env = dict(os.environ, PATH="/usr/bin:/bin")
+    printed = subprocess.run([PDP, "dev", "init", "dev"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    serve = next(line.strip() for line in printed.splitlines() if " serve " in line)
+    assert serve == f"{PDP} serve --config dev/pdp.toml &"
+    port = free_port()
+    config = tmp_path / "dev" / "pdp.toml"  # a free port: other tests share this machine
+    config.write_text(config.read_text().replace("127.0.0.1:8181", f"127.0.0.1:{port}")
+                      .replace('grpc = "127.0.0.1:9191"', 'grpc = ""'))
+    block = printed.replace("127.0.0.1:8181", f"127.0.0.1:{port}").splitlines()
+    curls = [line for line in block if line.startswith("curl ")]
+    assert len(curls) == 2
+    script = "\n".join([serve, f"{curls[0]} > allowed.json", f"{curls[1]} > denied.json", "kill $!", "wait"])
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120, check=False, start_new_session=True)
+    assert "Traceback" not in result.stderr
+    allowed, denied = (json.loads((tmp_path / name).read_text()) for name in ("allowed.json", "denied.json"))
+    assert (allowed["allowed"], allowed["reason"]) == (True, "allowed")
+    assert (denied["allowed"], denied["reason"]) == (False, "binding_mismatch")
+
+
+def test_policy_test_on_regopy_says_it_cannot_run_with_expressions():
+    result = pdp("policy", "test", "--engine", "regopy")
+    assert result.returncode == 2
+    assert "regopy" in result.stderr and "`with`" in result.stderr
+    assert "configuration error" not in result.stderr and "terminate called" not in result.stderr
+
+
+def test_check_path_without_a_leading_slash_says_so():
+    result = pdp("check", "--path", "orders")
+    assert result.returncode == 2
+    assert "argument --path: 'orders' does not start with '/' (a path such as /orders)" in result.stderr
+
+
+def test_token_inspect_tells_a_good_signature_from_an_expired_token(dev, tmp_path):
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+
+    from pdp.devinit import AUDIENCE, ISSUER
+    from pdp.devpki import TokenIssuer
+
+    key = serialization.load_pem_private_key((dev / "issuer.key").read_bytes(), None)
+    expired = tmp_path / "expired.jwt"
+    expired.write_text(TokenIssuer(ISSUER, key, "dev-1").mint(audience=AUDIENCE, lifetime=-7500, now=time.time()))
+    result = pdp("token", "inspect", str(expired), "--config", str(dev / "pdp.toml"))
+    assert result.returncode == 1  # invalid, whatever the signature
+    out = json.loads(result.stdout)
+    assert out["signature"] == f"good (key 'dev-1' of {ISSUER})"
+    assert out["verdict"].startswith("INVALID token_expired: expired at 20")
+    assert out["verdict"].endswith("Z, 2 h 5 min ago")

@@ -91,3 +91,45 @@ def test_every_toml_snippet_in_the_readme_is_a_valid_config(tmp_path):
     for block in blocks:
         text = block.replace('secret_sha256 = "…"', f'secret_sha256 = "{"ab" * 32}"')
         parse_config(tomllib.loads(text), tmp_path)  # raises ConfigError naming any key it does not know
+
+
+def test_the_dockerfile_serves_http_and_grpc_on_every_interface_of_the_container():
+    import json as _json
+
+    from pdp.cli import build_parser
+
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    (cmd,) = [_json.loads(line[len("CMD "):]) for line in lines if line.startswith("CMD ")]
+    assert cmd[:2] == ["pdp", "serve"]
+    args = build_parser().parse_args(cmd[1:])
+    assert (args.http, args.grpc) == ("0.0.0.0:8181", "0.0.0.0:9191")
+    (expose,) = [line.split()[1:] for line in lines if line.startswith("EXPOSE ")]
+    assert set(expose) == {"8181", "9191"}
+
+
+def test_the_readme_says_what_the_tests_need():
+    section = README.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    for need in ("Python ≥ 3.11", "127.0.0.1:6379", "`../shared`"):
+        assert need in section, need
+
+
+def test_every_python_snippet_in_the_readme_imports_what_it_uses():
+    import ast
+    import builtins
+
+    blocks = re.findall(r"```python\n(.*?)\n```", README, re.DOTALL)
+    assert blocks
+    for block in blocks:
+        tree = ast.parse(block)
+        known = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                known |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                known.add(node.name)
+                known |= {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)} \
+                    if not isinstance(node, ast.ClassDef) else set()
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                known.add(node.id)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert used <= known, (used - known, block)

@@ -73,7 +73,26 @@ def test_an_oversized_request_document_is_refused(write_setup):
     with serve_pdp(load_config(write_setup())) as (url, _):
         r = httpx.post(f"{url}/v1/check", content=b"{" + b" " * (2 * 1024 * 1024) + b"}")
     assert r.status_code == 413
-    assert r.json()["reason"] == "request_too_large"
+    assert (r.json()["status"], r.json()["reason"]) == (413, "request_too_large")  # the body agrees
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_check_document_of_another_content_type_is_refused_with_415(write_setup, content_type):
+    with serve_pdp(load_config(write_setup())) as (url, _):
+        r = httpx.post(f"{url}/v1/check", content=b'{"method": "GET", "path": "/healthz"}',
+                       headers={"content-type": content_type})
+    assert r.status_code == 415
+    assert (r.json()["allowed"], r.json()["status"], r.json()["reason"]) == (False, 415, "request_invalid")
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "application/json; charset=utf-8",
+                                          "application/vnd.pdp+json"])
+def test_a_check_document_as_json_or_of_no_declared_type_is_read(write_setup, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    with serve_pdp(load_config(write_setup())) as (url, _):
+        r = httpx.post(f"{url}/v1/check", content=b'{"method": "GET", "path": "/healthz"}', headers=headers)
+    assert r.status_code == 200 and r.json()["reason"] == "public_path"
 
 
 @pytest.mark.parametrize("cert", [

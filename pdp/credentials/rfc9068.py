@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from pdp import reasons
@@ -83,13 +84,32 @@ def check_times(claims: Mapping[str, Any], *, now: float, leeway: float) -> None
     ``leeway`` seconds for the clocks of issuer and pdp."""
     exp = claims.get("exp")
     if exp is not None and now >= exp + leeway:
-        raise Denied(reasons.TOKEN_EXPIRED, f"expired at {int(exp)}")
+        raise Denied(reasons.TOKEN_EXPIRED, f"expired at {moment(exp, now)}")
     nbf = claims.get("nbf")
     if nbf is not None and now + leeway < nbf:
-        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"not valid before {int(nbf)}")
+        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"not valid before {moment(nbf, now)}")
     iat = claims.get("iat")
     if iat is not None and now + leeway < iat:
-        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"issued in the future ({int(iat)})")
+        raise Denied(reasons.TOKEN_NOT_YET_VALID, f"issued in the future ({moment(iat, now)})")
+
+
+def moment(ts: float, now: float) -> str:
+    """A NumericDate for people: ISO 8601 in UTC and how far from ``now``
+    (``2026-12-01T10:00:00Z, 2 h 5 min ago``); the number itself where no calendar reaches."""
+    try:
+        when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:g} (seconds since 1970)"
+    return f"{when}, {_span(abs(now - ts))} {'ago' if now >= ts else 'from now'}"
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
+    for big, small, unit_big, unit_small in ((86400, 3600, "d", "h"), (3600, 60, "h", "min"), (60, 1, "min", "s")):
+        if s >= big:
+            rest = (s % big) // small
+            return f"{s // big} {unit_big}" + (f" {rest} {unit_small}" if rest else "")
+    return f"{s} s"
 
 
 def scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:

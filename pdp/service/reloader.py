@@ -1,5 +1,8 @@
 """Re-read policy, trust bundles and JWKS files when they change; keep the last good version otherwise.
 
+``wake()`` (``pdp serve`` calls it on ``SIGHUP``) reloads every part at once,
+changed or not, whether polling is on or off.
+
 Files are polled (mtime, size) every ``interval`` seconds: no extra
 dependency, and it works the same on every file system and in containers
 where inotify events do not cross mounts. Each part is reloaded on its own:
@@ -50,15 +53,18 @@ class Reloader:
         self.interval = interval
         self.on_result = on_result
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         for part in parts:
             part.last = stamp(part.files())
 
-    def check(self) -> None:
-        """Reload every part whose files changed since the last look (one pass; the thread loops on it)."""
+    def check(self, *, force: bool = False) -> None:
+        """Reload every part whose files changed since the last look (one pass; the thread loops on it);
+        with ``force``, every part, changed or not (a file rewritten within the file system's timestamp
+        resolution, to the same size, looks unchanged)."""
         for part in self.parts:
             current = stamp(part.files())
-            if current == part.last or current == part.failed_stamp:
+            if not force and (current == part.last or current == part.failed_stamp):
                 continue
             try:
                 part.reload()
@@ -80,19 +86,31 @@ class Reloader:
             if self.on_result:
                 self.on_result(part.name, True, "")
 
+    def wake(self) -> None:
+        """Have the thread reload every part now (``SIGHUP``), even with polling off. Only sets an event:
+        safe in a signal handler, and the event loop that received the signal does no reload work."""
+        self._wake.set()
+
     def start(self) -> None:
-        if self.interval <= 0 or self._thread is not None:
+        if self._thread is not None:
             return
 
         def loop() -> None:
-            while not self._stop.wait(self.interval):
-                self.check()
+            while not self._stop.is_set():
+                woken = self._wake.wait(self.interval if self.interval > 0 else None)
+                if self._stop.is_set():
+                    return
+                if woken:
+                    self._wake.clear()
+                    log.info("reloading every part on request")
+                self.check(force=woken)
 
         self._thread = threading.Thread(target=loop, name="pdp-reloader", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

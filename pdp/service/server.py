@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,7 +52,7 @@ from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, Via
 from pdp.service.brute_force import FailureLimiter
 from pdp.service.decision_log import setup_logging
-from pdp.service.grpc_listener import GrpcListener
+from pdp.service.grpc_listener import GrpcListener, ListenError
 from pdp.service.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
 from pdp.service.metrics import CONTENT_TYPE, Metrics
 from pdp.service.reloader import Reloader, Watched
@@ -81,6 +82,7 @@ class Service:
         self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._closed = False
         self.grpc: GrpcListener | None = None
 
     # -- keeping current
@@ -124,7 +126,14 @@ class Service:
                 if source.last_error is not None:
                     self.metrics.jwks_refresh_failures.labels(source.name).inc()
 
+    def reload_now(self) -> None:
+        """Re-read every policy, trust-bundle and JWKS file at once, changed or not (``SIGHUP``). Safe to
+        call from a signal handler: the reloader's thread does the work."""
+        self.reloader.wake()
+
     def start(self) -> None:
+        """Start the gRPC listener (binding its address: ``ListenError`` if it cannot), the reloader and
+        the key refresher. Starting again is a no-op."""
         if self.config.server.grpc and self.grpc is None:
             self.grpc = GrpcListener(lambda: self.pdp, self.config.server.grpc,
                                      workers=self.config.server.grpc_workers, tls=self.config.server.tls,
@@ -150,7 +159,9 @@ class Service:
         if self._refresher is not None:
             self._refresher.join(timeout=5)
             self._refresher = None
-        self.pdp.close()
+        if not self._closed:
+            self._closed = True
+            self.pdp.close()
 
     def readiness(self) -> dict[str, Any]:
         pdp = self.pdp
@@ -170,14 +181,24 @@ class Service:
     async def check(self, request: Request) -> Response:
         peer = request.client.host if request.client else ""
         now = time.time()
+        # The document is JSON: said so (application/json, any +json type) or not said at all, as OPA's
+        # REST API and most clients have it. Another type is refused rather than read as JSON regardless:
+        # a browser may send text/plain or a form across origins without asking first.
+        declared = [t for t in request.headers.getlist("content-type") if not _is_json(t)]
+        if declared:
+            decision = self.pdp.refuse(reasons.REQUEST_INVALID, f"content-type {declared[0][:100]!r} is not "
+                                       "application/json", _unreadable(now, peer))
+            return _Answer(render(dataclasses.replace(decision, status=415)), status_code=415)
         try:
             body = await _read_body(request, self.config.server.max_body_bytes)
             doc = json.loads(body)
             raw = parse_request(doc, now=now, peer_address=peer)
         except _TooLarge:
-            decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document too large",
+            # 413 (Content Too Large): the reason's own 431 is for request heads, which this is not.
+            decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document larger than "
+                                       f"server.max_body_bytes ({self.config.server.max_body_bytes})",
                                        _unreadable(now, peer))
-            return _Answer(render(decision), status_code=413)
+            return _Answer(render(dataclasses.replace(decision, status=413)), status_code=413)
         except (ValueError, RecursionError, RequestDocumentError) as exc:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
@@ -318,6 +339,24 @@ class Service:
         )
 
 
+def bind_http(address: str) -> socket.socket:
+    """The HTTP listener's socket for ``address`` (HOST:PORT), bound and listening as uvicorn would bind
+    it, for ``uvicorn.Server.run(sockets=...)``: a taken address is a ``ListenError`` here, before the
+    service announces anything, and connections made while the rest starts wait in the backlog."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ListenError.of("HTTP", address, [exc]) from None
+    return sock
+
+
 def _listing(path: Path) -> Callable[[], list[Path]]:
     return lambda: [path]
 
@@ -406,6 +445,11 @@ class _Answer(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 class _TooLarge(Exception):
