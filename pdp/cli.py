@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from pdp.errors import ConfigError, LoadError, PdpError
 from pdp.service.decision_log import setup_logging
 
 if TYPE_CHECKING:
+    from pdp.config import Config
     from pdp.credentials.jws import ParsedJws
     from pdp.credentials.tokens import Issuer
 
@@ -343,6 +344,90 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return 0 if results and all(r.outcome == "PASS" for r in results) else EXIT_DENY
 
 
+# -- config check
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Load everything ``pdp serve`` would load from FILE (policy, trust bundles, JWKS and key files),
+    without binding a listener or opening a store: 0 and a summary, or 2 and the key at fault."""
+    from pdp.assemble import build_pdp
+    from pdp.config import load_config
+    from pdp.store import MemoryStore
+
+    setup_logging("warning")  # a policy loaded with divergence = "warn" says what it let through
+    try:
+        config = load_config(Path(args.file))
+        _check_key_files(config)
+        pdp = build_pdp(config, store=MemoryStore())
+    except ConfigError as exc:
+        print(f"pdp config check: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        bundles = [b.name for b in pdp.certificates.bundles]
+        issuers = [i.issuer for i in config.tokens.issuers]
+        _print(f"ok: {args.file}: policy {pdp.policy.version} (engine {config.policy.engine}), "
+               f"{len(bundles)} trust bundle(s){_listed(bundles)}, {len(issuers)} issuer(s){_listed(issuers)}")
+    finally:
+        pdp.close()
+    return 0
+
+
+def _listed(names: list[str]) -> str:
+    return f" ({', '.join(names)})" if names else ""
+
+
+def _check_key_files(config: Config) -> None:
+    """Read the certificate and key files ``pdp serve`` hands to TLS as TLS will (the config loader only
+    checks that the listener's exist); an error names the key that names the file."""
+    import ssl
+
+    tls = config.server.tls
+    if tls is not None:
+        _tls_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "server.tls", "cert", tls.cert, "key", tls.key)
+        if tls.client_ca is not None:
+            _tls_cas("server.tls.client_ca", tls.client_ca)
+    for i, iss in enumerate(config.tokens.issuers):
+        key = f"tokens.issuers[{i}]"
+        if iss.introspection_client_cert is not None:
+            _tls_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), key, "introspection_client_cert",
+                      iss.introspection_client_cert, "introspection_client_key", iss.introspection_client_key)
+        if iss.introspection_ca is not None:
+            _tls_cas(f"{key}.introspection_ca", iss.introspection_ca)
+
+
+def _tls_pair(context: Any, table: str, cert_key: str, cert: Path, key_key: str, key: Path | None) -> None:
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    certs = _pem_file(f"{table}.{cert_key}", cert, x509.load_pem_x509_certificates)
+    if not certs:
+        raise ConfigError(f"{table}.{cert_key}", f"{str(cert)!r} holds no certificate")
+    # The key on its own first: an encrypted key would make OpenSSL ask for a pass phrase on the terminal.
+    _pem_file(f"{table}.{key_key}" if key else f"{table}.{cert_key}", key or cert,
+              lambda data: serialization.load_pem_private_key(data, None))
+    try:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{table}.{key_key}", f"{str(key or cert)!r} is not the key of {str(cert)!r}: "
+                                                f"{exc.reason or exc}") from exc
+
+
+def _tls_cas(name: str, path: Path) -> None:
+    from cryptography import x509
+
+    if not _pem_file(name, path, x509.load_pem_x509_certificates):
+        raise ConfigError(name, f"{str(path)!r} holds no certificate")
+
+
+def _pem_file(name: str, path: Path, load: Callable[[bytes], Any]) -> Any:
+    try:
+        return load(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    except (ValueError, TypeError) as exc:  # TypeError: an encrypted key (pdp takes no pass phrase)
+        raise ConfigError(name, f"{str(path)!r}: {exc}") from exc
+
+
 # -- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from pdp.bench.run import main as bench
@@ -401,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["regopy", "regorus"])
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_policy_test, command_parser=p)
+
+    conf = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
+    p = conf.add_parser("check", help="load a config as `pdp serve` would, without listening; exit 0 ok, 2 error")
+    p.add_argument("file", help="the TOML config file")
+    p.set_defaults(func=cmd_config_check, command_parser=p)
 
     p = sub.add_parser("bench", help="measure pdp against bare servers and raw operations on loopback")
     p.add_argument("--quick", action="store_true", help="small counts, one round: well under a minute")

@@ -654,3 +654,78 @@ def test_token_inspect_tells_a_good_signature_from_an_expired_token(dev, tmp_pat
     assert out["signature"] == f"good (key 'dev-1' of {ISSUER})"
     assert out["verdict"].startswith("INVALID token_expired: expired at 20")
     assert out["verdict"].endswith("Z, 2 h 5 min ago")
+
+
+def _dev_config(dev: Path, name: str, extra: str = "", **replace: str) -> Path:
+    """A copy of the dev config next to its files (relative paths stay good), edited."""
+    text = (dev / "pdp.toml").read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = dev / name
+    path.write_text(text + extra)
+    return path
+
+
+def test_config_check_loads_everything_but_listens_on_nothing(dev):
+    import socket
+
+    from pdp.assemble import load_policy
+    from pdp.config import load_config
+
+    with socket.socket() as taken, socket.socket() as grpc_taken:  # held: `pdp serve` could not start
+        for s in (taken, grpc_taken):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        http, grpc = (f"127.0.0.1:{s.getsockname()[1]}" for s in (taken, grpc_taken))
+        config = _dev_config(dev, "check-ok.toml", '\n[server.tls]\ncert = "pdp-server.pem"\n'
+                             'key = "pdp-server.key"\nclient_ca = "ca.pem"\n',
+                             **{'http = "127.0.0.1:8181"': f'http = "{http}"',
+                                'grpc = "127.0.0.1:9191"': f'grpc = "{grpc}"'})
+        result = pdp("config", "check", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"ok: {config}: policy ")
+    assert "(engine regorus), 1 trust bundle(s) (example.org), 1 issuer(s) (https://issuer.example.org)" \
+        in result.stdout
+    assert f"policy {load_policy(load_config(config)).version} " in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(("case", "expected", "detail"), [
+    ("unknown key", "tokens.leway: unknown key (did you mean 'leeway'?)", ""),
+    ("missing trust bundle", "certificates.trust_bundles[0].file: cannot read ", "no-such-ca.pem"),
+    ("not a JWKS", "tokens.issuers[0].jwks_file: JWKS ", "not a JWKS document"),
+    ("policy that does not compile", "policy.paths: policy does not compile", "broken.rego"),
+    ("listener key of another certificate", "server.tls.key: ", "client.key' is not the key of"),
+    ("encrypted listener key", "server.tls.key: ", "encrypted"),
+])
+def test_config_check_names_the_file_and_the_key_at_fault(dev, tmp_path, case, expected, detail):
+    from cryptography.hazmat.primitives import serialization
+
+    name = f"check-{case.replace(' ', '-')}.toml"
+    tls = '\n[server.tls]\ncert = "pdp-server.pem"\nkey = "{}"\n'
+    if case == "unknown key":
+        config = _dev_config(dev, name, **{"leeway = 30": "leway = 30"})
+    elif case == "missing trust bundle":
+        config = _dev_config(dev, name, **{'file = "ca.pem"': 'file = "no-such-ca.pem"'})
+    elif case == "not a JWKS":
+        config = _dev_config(dev, name, **{'jwks_file = "jwks.json"': 'jwks_file = "ca.pem"'})
+    elif case == "policy that does not compile":
+        broken = tmp_path / "policy"
+        broken.mkdir()
+        (broken / "broken.rego").write_text('package pdp.authz\n\nresult := {"allowed": true\n')
+        config = _dev_config(dev, name, **{'paths = ["policy"]': f'paths = ["{broken}"]'})
+    elif case == "listener key of another certificate":
+        config = _dev_config(dev, name, tls.format("client.key"))
+    else:
+        key = serialization.load_pem_private_key((dev / "pdp-server.key").read_bytes(), None)
+        (tmp_path / "encrypted.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pass phrase")))
+        config = _dev_config(dev, name, tls.format(tmp_path / "encrypted.key"))
+    result = pdp("config", "check", str(config))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"pdp config check: {config}: {expected}"), result.stderr
+    assert detail in result.stderr
+    assert "Traceback" not in result.stderr
