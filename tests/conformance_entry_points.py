@@ -9,6 +9,7 @@ go out exactly as the row has them — from 127.0.0.1 (a trusted proxy in the te
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 import json
@@ -256,15 +257,18 @@ def transport_refusal(response: RawResponse) -> Outcome:
 
 # -- the entry points
 
-class EntryPoint:
+class EntryPoint(abc.ABC):
+    """One way into pdp: turns a row's neutral request into its protocol and the answer into an Outcome."""
+
     name = ""
 
     def __init__(self, materials: Materials, records: DecisionRecords) -> None:
         self.materials = materials
         self.records = records
 
+    @abc.abstractmethod
     def send(self, sent: Sent) -> Outcome:
-        raise NotImplementedError
+        """Send the request through this entry point; what came back."""
 
     def logged_reason(self, decision_id: str | None) -> str | None:
         record = self.records.records.get(decision_id or "")
