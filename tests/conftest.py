@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+import redis
 
 from pdp.assemble import build_pdp
 from pdp.config import Config, load_config
@@ -156,3 +158,19 @@ def corpora() -> Path:
             pytest.fail(f"external test corpora missing at {CORPORA}")
         pytest.skip(f"external test corpora not found at {CORPORA}")
     return CORPORA
+
+
+#: The shared Redis this kind of machine runs; tests use their own key prefix on it (``prefix``).
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def prefix() -> Any:
+    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards (never FLUSHALL)."""
+    value = f"pdp-test:{uuid.uuid4().hex}:"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=value + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

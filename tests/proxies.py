@@ -166,6 +166,33 @@ class EchoUpstream:
         self.httpd.server_close()
 
 
+# -- pdp and the upstream behind a proxy
+
+
+@dataclass(frozen=True)
+class Behind:
+    """What a proxy's example config is rendered against: the setup, the replacements every example
+    takes (setup folder, pdp's address, the upstream's), and a free port for the proxy's listener."""
+
+    setup: Setup
+    replacements: dict[str, str]
+    port: int
+
+
+@contextmanager
+def pdp_and_upstream(tmp: Path, example: Path) -> Iterator[Behind]:
+    """pdp serving ``example``'s pdp.toml on a fresh setup in ``tmp``, and an echoing upstream."""
+    from servers import free_port, serve_pdp
+
+    from pdp.config import load_config
+
+    setup = write_setup(tmp)
+    config = render(example / "pdp.toml", tmp / "pdp.toml", {SETUP_DIR: f"{tmp}/"})
+    with serve_pdp(load_config(config)) as (pdp_url, _), EchoUpstream() as app:
+        yield Behind(setup, {SETUP_DIR: f"{tmp}/", PDP_ADDRESS: pdp_url.removeprefix("https://"),
+                             APP_ADDRESS: f"127.0.0.1:{app.port}"}, free_port())
+
+
 # -- the proxy process
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import pytest
-import redis
+from conftest import REDIS_URL
 from own_redis import fill, own_redis
 
 from pdp.service.brute_force import FailureLimiter, Locked, LockoutSettings, source_key
 from pdp.store import MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 SETTINGS = LockoutSettings(source_failures=3, client_failures=5, window=60, duration=30, max_duration=100)
 
 
@@ -221,15 +219,6 @@ def _concurrently(attempt: Callable[[], None], threads: int, each: int) -> list[
     return results
 
 
-@pytest.fixture
-def prefix():
-    value = f"pdp-test:{uuid.uuid4().hex}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=value + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])

@@ -167,7 +167,7 @@ p4j28MTLH2Wqx50NssKThdaX6hoCiMqreYa+EVaN1f/cIGQxZSCzdzMCKqdB8lKB
 w35+2nO5n1LKXgR2+nzhZUOk8TPsi9WUywRluQ==
 -----END CERTIFICATE-----"""
 
-PS256_ISS_XXX = (
+PS256_OTHER_ISSUER = (
     "eyJhbGciOiAiUFMyNTYiLCAidHlwIjogIkpXVCJ9.eyJpc3MiOiAieHh4In0.iCePYnD1U13oBe_6ylhmojmkY_VZNYXqVszAej8RImMG"
     "v51OEqARmYFkRZYTiYCiVFober7vcDq_stOj1uAJCuttygGW_dpHiN-3EWsU2E2vCnXlygWe0ud38pOC-OVyEFbXxO9-m51vnS-3VmBjEO8"
     "G1UE8bLFXTeFOGkUIj9dqlefJSWh5wa8XA3g9mj0jqpuJi-7QgEIeVHk-JzhGpoFqI2f-Df_agVvc2x4V-6fJmj7wV2IsaFPRi36mVQmg8S"
@@ -245,12 +245,12 @@ HS256_HEADER = {"alg": "HS256", "typ": "JWT"}
 
 # jwtdecodeverify/test-jwtdecodeverify-<n>.yaml: (note, token, constraints as Rego, expected)
 DECODE_VERIFY = [
-    ("0450 ps256-key-wrong", PS256_ISS_XXX, {"cert": CERT_LOCALHOST}, UNVERIFIED),
+    ("0450 ps256-key-wrong", PS256_OTHER_ISSUER, {"cert": CERT_LOCALHOST}, UNVERIFIED),
     ("0451 rs256-key-wrong", RS256_EXP_3000, {"cert": CERT_LOCALHOST}, UNVERIFIED),
-    ("0453 ps256-iss-wrong", PS256_ISS_XXX, {"cert": CERT_WHATEVER, "iss": "yyy"}, UNVERIFIED),
-    ("0454 ps256-alg-ok", PS256_ISS_XXX, {"alg": "PS256", "cert": CERT_WHATEVER},
+    ("0453 ps256-iss-wrong", PS256_OTHER_ISSUER, {"cert": CERT_WHATEVER, "iss": "yyy"}, UNVERIFIED),
+    ("0454 ps256-alg-ok", PS256_OTHER_ISSUER, {"alg": "PS256", "cert": CERT_WHATEVER},
      [True, {"alg": "PS256", "typ": "JWT"}, {"iss": "xxx"}]),
-    ("0455 ps256-alg-wrong", PS256_ISS_XXX, {"alg": "RS256", "cert": CERT_WHATEVER}, UNVERIFIED),
+    ("0455 ps256-alg-wrong", PS256_OTHER_ISSUER, {"alg": "RS256", "cert": CERT_WHATEVER}, UNVERIFIED),
     ("0456 rs256-exp-ok", RS256_EXP_3000, {"cert": CERT_WHATEVER, "time": 2000000000000},
      [True, RS256_HEADER, {"exp": 3000, "iss": "xxx"}]),
     ("0460 rs256-nbf-ok", RS256_NBF_1000, {"cert": CERT_WHATEVER, "time": 2000000000000},
@@ -263,7 +263,7 @@ DECODE_VERIFY = [
     ("0469 hs256-key-wrong", HS256_USER_ALICE, {"secret": "the wrong key"}, UNVERIFIED),
     ("0470 rs256-aud", RS256_AUD_FRED, {"aud": "fred", "cert": CERT_WHATEVER},
      [True, RS256_HEADER, {"aud": "fred", "iss": "xxx"}]),
-    ("0472 ps256-no-aud", PS256_ISS_XXX, {"aud": "cath", "cert": CERT_WHATEVER}, UNVERIFIED),
+    ("0472 ps256-no-aud", PS256_OTHER_ISSUER, {"aud": "cath", "cert": CERT_WHATEVER}, UNVERIFIED),
     ("0474 rs256-wrong-aud", RS256_AUD_FRED, {"aud": "cath", "cert": CERT_WHATEVER}, UNVERIFIED),
     ("0476 multiple-keys-one-valid", RS256_JOHN_DOE, {"cert": JWKS_EC_AND_RSA, "time": 1574723450396363500},
      [True, RS256_HEADER, {"admin": True, "iat": 1516239022, "name": "John Doe", "sub": "1234567890"}]),
@@ -640,8 +640,8 @@ def test_output_argument_form_is_refused_at_load() -> None:
 
 # Signatures the decode_verify cases above establish as valid (or not) for their keys, through io.jwt.verify_*.
 VERIFY = [
-    ("io.jwt.verify_ps256", PS256_ISS_XXX, CERT_WHATEVER, True),
-    ("io.jwt.verify_ps256", PS256_ISS_XXX, CERT_LOCALHOST, False),
+    ("io.jwt.verify_ps256", PS256_OTHER_ISSUER, CERT_WHATEVER, True),
+    ("io.jwt.verify_ps256", PS256_OTHER_ISSUER, CERT_LOCALHOST, False),
     ("io.jwt.verify_rs256", RS256_EXP_3000, CERT_WHATEVER, True),
     ("io.jwt.verify_rs256", RS256_EXP_3000, CERT_LOCALHOST, False),
     ("io.jwt.verify_rs256", RS256_JOHN_DOE, JWKS_EC_AND_RSA, True),

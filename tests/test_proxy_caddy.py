@@ -7,22 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 from proxies import (
-    APP_ADDRESS,
     EXAMPLES,
-    PDP_ADDRESS,
     PROXY_PORT,
-    SETUP_DIR,
-    EchoUpstream,
     ProxyContract,
     Stack,
+    pdp_and_upstream,
     render,
     require_binary,
     running,
-    write_setup,
 )
-from servers import free_port, serve_pdp
-
-from pdp.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -33,22 +26,17 @@ EXAMPLE = EXAMPLES / "caddy"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     caddy = require_binary("caddy")
     tmp = tmp_path_factory.mktemp("caddy")
-    setup = write_setup(tmp)
-    config = render(EXAMPLE / "pdp.toml", tmp / "pdp.toml", {SETUP_DIR: f"{tmp}/"})
-    with serve_pdp(load_config(config)) as (pdp_url, _), EchoUpstream() as app:
-        port = free_port()
+    with pdp_and_upstream(tmp, EXAMPLE) as behind:
         caddyfile = render(EXAMPLE / "Caddyfile", tmp / "Caddyfile", {
-            SETUP_DIR: f"{tmp}/", PDP_ADDRESS: pdp_url.removeprefix("https://"),
-            APP_ADDRESS: f"127.0.0.1:{app.port}",
-            f"https://:{PROXY_PORT} {{": f"https://:{port} {{\n\tbind 127.0.0.1",
+            **behind.replacements, f"https://:{PROXY_PORT} {{": f"https://:{behind.port} {{\n\tbind 127.0.0.1",
             "admin localhost:2019": "admin off",
         })
         # Caddy keeps its state under $HOME / $XDG_*: keep it in the temp folder.
         env = {**os.environ, "HOME": str(tmp), "XDG_CONFIG_HOME": str(tmp / "config"),
                "XDG_DATA_HOME": str(tmp / "data")}
         argv = [caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"]
-        with running(argv, port=port, log=tmp / "caddy.out", cwd=tmp, env=env):
-            yield Stack("caddy", port, setup)
+        with running(argv, port=behind.port, log=tmp / "caddy.out", cwd=tmp, env=env):
+            yield Stack("caddy", behind.port, behind.setup)
 
 
 class TestCaddy(ProxyContract):

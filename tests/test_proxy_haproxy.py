@@ -6,22 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 from proxies import (
-    APP_ADDRESS,
     EXAMPLES,
-    PDP_ADDRESS,
     PROXY_PORT,
-    SETUP_DIR,
-    EchoUpstream,
     ProxyContract,
     Stack,
+    pdp_and_upstream,
     render,
     require_binary,
     running,
-    write_setup,
 )
-from servers import free_port, serve_pdp
-
-from pdp.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -32,22 +25,18 @@ EXAMPLE = EXAMPLES / "haproxy"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     haproxy = require_binary("haproxy")
     tmp = tmp_path_factory.mktemp("haproxy")
-    setup = write_setup(tmp)
-    # HAProxy reads a certificate and its key from one file.
-    for combined, name in (("haproxy.pem", "envoy"), ("haproxy-gateway.pem", "gateway")):
-        (tmp / combined).write_bytes((tmp / f"{name}.pem").read_bytes() + (tmp / f"{name}.key").read_bytes())
-    config = render(EXAMPLE / "pdp.toml", tmp / "pdp.toml", {SETUP_DIR: f"{tmp}/"})
-    with serve_pdp(load_config(config)) as (pdp_url, _), EchoUpstream() as app:
-        port = free_port()
+    with pdp_and_upstream(tmp, EXAMPLE) as behind:
+        # HAProxy reads a certificate and its key from one file.
+        for combined, name in (("haproxy.pem", "envoy"), ("haproxy-gateway.pem", "gateway")):
+            (tmp / combined).write_bytes((tmp / f"{name}.pem").read_bytes() + (tmp / f"{name}.key").read_bytes())
         cfg = render(EXAMPLE / "haproxy.cfg", tmp / "haproxy.cfg", {
-            SETUP_DIR: f"{tmp}/", PDP_ADDRESS: pdp_url.removeprefix("https://"),
-            APP_ADDRESS: f"127.0.0.1:{app.port}", f"bind :{PROXY_PORT} ": f"bind 127.0.0.1:{port} ",
+            **behind.replacements, f"bind :{PROXY_PORT} ": f"bind 127.0.0.1:{behind.port} ",
             "/etc/haproxy/pdp_auth.lua": str(EXAMPLE / "pdp_auth.lua"),
             "/run/haproxy/pdp-authz.sock": f"{tmp}/pdp-authz.sock",
         })
         argv = [haproxy, "-db", "-f", str(cfg)]
-        with running(argv, port=port, log=tmp / "haproxy.out", cwd=tmp):
-            yield Stack("haproxy", port, setup)
+        with running(argv, port=behind.port, log=tmp / "haproxy.out", cwd=tmp):
+            yield Stack("haproxy", behind.port, behind.setup)
 
 
 class TestHaproxy(ProxyContract):

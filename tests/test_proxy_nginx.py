@@ -7,22 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 from proxies import (
-    APP_ADDRESS,
     EXAMPLES,
-    PDP_ADDRESS,
     PROXY_PORT,
-    SETUP_DIR,
-    EchoUpstream,
     ProxyContract,
     Stack,
+    pdp_and_upstream,
     render,
     require_binary,
     running,
-    write_setup,
 )
-from servers import free_port, serve_pdp
-
-from pdp.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -33,25 +26,21 @@ EXAMPLE = EXAMPLES / "nginx"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     nginx = require_binary("nginx")
     tmp = tmp_path_factory.mktemp("nginx")
-    setup = write_setup(tmp)
-    config = render(EXAMPLE / "pdp.toml", tmp / "pdp.toml", {SETUP_DIR: f"{tmp}/"})
-    with serve_pdp(load_config(config)) as (pdp_url, _), EchoUpstream() as app:
-        port = free_port()
+    with pdp_and_upstream(tmp, EXAMPLE) as behind:
         for name in ("logs", "temp"):
             (tmp / name).mkdir()
         temp_paths = "".join(f"    {kind}_temp_path {tmp}/temp/{kind};\n"
                              for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf = render(EXAMPLE / "nginx.conf", tmp / "nginx.conf", {
-            SETUP_DIR: f"{tmp}/", PDP_ADDRESS: pdp_url.removeprefix("https://"),
-            APP_ADDRESS: f"127.0.0.1:{app.port}", f"listen {PROXY_PORT} ": f"listen 127.0.0.1:{port} ",
+            **behind.replacements, f"listen {PROXY_PORT} ": f"listen 127.0.0.1:{behind.port} ",
             "/run/nginx-pdp.pid": f"{tmp}/nginx.pid", "/var/log/nginx/": f"{tmp}/logs/",
             "http {\n": "http {\n" + temp_paths,
         })
         # Started as root, nginx runs its workers as nobody, who cannot enter the private temp folder.
         user = " user root;" if os.geteuid() == 0 else ""
         argv = [nginx, "-p", f"{tmp}/", "-c", str(conf), "-e", f"{tmp}/logs/startup.log", "-g", f"daemon off;{user}"]
-        with running(argv, port=port, log=tmp / "nginx.out", cwd=tmp):
-            yield Stack("nginx", port, setup)
+        with running(argv, port=behind.port, log=tmp / "nginx.out", cwd=tmp):
+            yield Stack("nginx", behind.port, behind.setup)
 
 
 class TestNginx(ProxyContract):

@@ -7,30 +7,16 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import AUDIENCE, check_request
+from conftest import AUDIENCE, REDIS_URL, check_request
 from servers import free_port
 
 from pdp.devpki import DpopKey
 from pdp.store import MemoryStore, RedisStore, SqliteStore, StoreUnavailable
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def prefix():
-    value = f"pdp-test:{uuid.uuid4().hex}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=value + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def test_memory_store_remembers_until_expiry():
