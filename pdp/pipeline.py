@@ -137,7 +137,7 @@ class Pdp:
         policy = self.policy  # one policy version for the whole decision, even during a reload
         try:
             self._check_request(request)
-            trace.identity = self._identity(request, trace)
+            trace.identity = self._identity(request, trace, network)
             trace.token = self._credential(request, trace, network)
             binding = self._binding(request, trace)
             outcome = self._policy(policy, request, trace, binding)
@@ -216,13 +216,13 @@ class Pdp:
                                                   "backslashes or needlessly percent-encoded characters)")
 
     # -- 1. identity
-    def _identity(self, request: CheckRequest, trace: _Trace) -> CertIdentity | None:
+    def _identity(self, request: CheckRequest, trace: _Trace, network: bool) -> CertIdentity | None:
         if request.client_cert_error is not None:
             raise Denied(reasons.CERT_MALFORMED, request.client_cert_error)
         if not request.client_cert_chain:
             trace.ok("identity", "no client certificate")
             return None
-        identity = self.certificates.verify(request.client_cert_chain, request.time)
+        identity = self.certificates.verify(request.client_cert_chain, request.time, network=network)
         trace.ok("identity", f"{identity.spiffe_id or identity.subject} via {identity.trust_bundle} "
                              f"(x5t#S256 {identity.thumbprint})")
         return identity

@@ -7,8 +7,9 @@ and lock-outs of the introspection endpoint. ``remember`` is an atomic "add if
 absent, with expiry" (Redis ``SET NX PX``), ``count`` an atomic increment of a
 counter that expires (``INCR`` + ``PEXPIRE NX``; with ``keep=False`` the value
 an increment would give, failing as it would, without keeping it),
-``uncount`` takes one count back, ``forget`` drops a key, ``ttl`` says how
-long a key has left and ``load`` how full a bounded store is. A store that
+``uncount`` takes one count back, ``put`` and ``get`` keep and read a value
+(bytes) for a while, ``forget`` drops a key, ``ttl`` says how long a key has
+left and ``load`` how full a bounded store is. A store that
 cannot answer raises ``StoreUnavailable``, which whatever needed it turns into
 a deny.
 
@@ -49,8 +50,14 @@ class Store(Protocol):
     def uncount(self, key: str) -> None:
         """Take one count back from the counter ``key`` (never below 0; nothing when it is not there)."""
 
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds, replacing what was there."""
+
+    def get(self, key: str) -> bytes | None:
+        """The value kept under ``key``; None when there is none (or it expired)."""
+
     def forget(self, key: str) -> None:
-        """Drop ``key`` (recorded or counted), if it is there."""
+        """Drop ``key`` (recorded, counted or kept), if it is there."""
 
     def ttl(self, key: str) -> float:
         """Seconds until ``key`` (recorded or counted) expires; 0 when it is not there."""
@@ -68,6 +75,7 @@ class MemoryStore:
     def __init__(self, max_entries: int = 250_000) -> None:
         self._seen: dict[str, float] = {}
         self._counters: dict[str, tuple[int, float]] = {}
+        self._values: dict[str, tuple[bytes, float]] = {}
         self._expiries: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._max = max_entries
@@ -107,24 +115,45 @@ class MemoryStore:
             if current is not None and current[0] > 0:
                 self._counters[key] = (current[0] - 1, current[1])
 
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            if key not in self._values:
+                self._make_room()
+            self._values[key] = (value, now + ttl)
+            heapq.heappush(self._expiries, (now + ttl, "\1" + key))
+
+    def get(self, key: str) -> bytes | None:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            kept = self._values.get(key)
+            return kept[0] if kept is not None else None
+
     def forget(self, key: str) -> None:
         with self._lock:
             self._seen.pop(key, None)
             self._counters.pop(key, None)
+            self._values.pop(key, None)
 
     def ttl(self, key: str) -> float:
         now = time.monotonic()
         with self._lock:
-            expires = max(self._seen.get(key, now), self._counters.get(key, (0, now))[1])
+            expires = max(self._seen.get(key, now), self._counters.get(key, (0, now))[1],
+                          self._values.get(key, (b"", now))[1])
             return max(0.0, expires - now)
 
     def load(self) -> float:
         with self._lock:
             self._expire(time.monotonic())
-            return (len(self._seen) + len(self._counters)) / self._max
+            return self._size() / self._max
+
+    def _size(self) -> int:
+        return len(self._seen) + len(self._counters) + len(self._values)
 
     def _make_room(self) -> None:
-        if len(self._seen) + len(self._counters) >= self._max:
+        if self._size() >= self._max:
             raise StoreUnavailable("the in-memory store is full")
 
     def _expire(self, now: float) -> None:
@@ -133,6 +162,9 @@ class MemoryStore:
             if key.startswith("\0"):
                 if self._counters.get(key[1:], (0, None))[1] == expires:
                     del self._counters[key[1:]]
+            elif key.startswith("\1"):
+                if self._values.get(key[1:], (b"", None))[1] == expires:
+                    del self._values[key[1:]]
             elif self._seen.get(key) == expires:
                 del self._seen[key]
 
@@ -155,6 +187,8 @@ _SQL = {
              "value = CASE WHEN @t.expires <= ? THEN 1 ELSE @t.value + 1 END, "
              "expires = CASE WHEN @t.expires <= ? THEN excluded.expires ELSE @t.expires END RETURNING value",
     "value": "SELECT value FROM @t WHERE key = ? AND expires > ?",
+    "put": "INSERT INTO @t (key, value, expires) VALUES (?, ?, ?) "
+           "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
     "uncount": "UPDATE @t SET value = value - 1 WHERE key = ? AND value > 0 AND expires > ?",
     "forget": "DELETE FROM @t WHERE key = ?",
     "expires": "SELECT expires FROM @t WHERE key = ?",
@@ -247,6 +281,19 @@ class SqliteStore:
             self._usable()
             self._run(self._sql["uncount"], (key, now))
 
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        now = time.time()
+        with self._lock:
+            self._housekeeping(key, now)
+            self._run(self._sql["put"], (key, value, now + ttl))
+
+    def get(self, key: str) -> bytes | None:
+        now = time.time()
+        with self._lock:
+            self._usable()
+            row = self._run(self._sql["value"], (key, now)).fetchone()
+        return row[0] if row is not None and isinstance(row[0], bytes) else None
+
     def forget(self, key: str) -> None:
         with self._lock:
             self._usable()
@@ -320,6 +367,12 @@ class UnavailableStore:
     def uncount(self, key: str) -> None:
         raise self._refuse()
 
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        raise self._refuse()
+
+    def get(self, key: str) -> bytes | None:
+        raise self._refuse()
+
     def forget(self, key: str) -> None:
         raise self._refuse()
 
@@ -373,6 +426,19 @@ class RedisStore:
             self._uncount(keys=[self.prefix + key])
         except self._error as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        try:
+            self._redis.set(self.prefix + key, value, px=max(1, int(ttl * 1000)))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            value = self._redis.get(self.prefix + key)
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return value if isinstance(value, bytes) else None
 
     def forget(self, key: str) -> None:
         try:

@@ -260,3 +260,28 @@ def test_a_worker_refuses_a_store_replaced_under_it(tmp_path):
         Watchful(path, create=False, identity=identity)
     other.close()
     parent.close()
+
+
+def test_put_get_keeps_a_value_until_it_expires_on_every_store(tmp_path, prefix):
+    for store in _stores(tmp_path, prefix):
+        name = type(store).__name__
+        assert store.get("v") is None, name
+        store.put("v", b"\x00first", 30)
+        assert store.get("v") == b"\x00first", name
+        store.put("v", b"second", 30)  # replaced, not added
+        assert store.get("v") == b"second" and 0 < store.ttl("v") <= 30, name
+        store.put("short", b"x", 0.05)
+        time.sleep(0.15)
+        assert store.get("short") is None, name
+        store.forget("v")
+        assert store.get("v") is None and store.ttl("v") == 0, name
+
+
+def test_values_count_toward_a_memory_stores_bound():
+    store = MemoryStore(max_entries=2)
+    store.put("a", b"1", 60)
+    store.remember("b", 60)
+    store.put("a", b"2", 60)  # replacing needs no room
+    with pytest.raises(StoreUnavailable):
+        store.put("c", b"3", 60)
+    assert store.get("a") == b"2"

@@ -98,7 +98,9 @@ class ChainVerifier:
         self._max_cache = max_cache_seconds
         self._cache: ExpiringCache[bytes, CertIdentity] = ExpiringCache(cache_size)
 
-    def verify(self, chain: tuple[bytes, ...], now: float) -> CertIdentity:
+    def verify(self, chain: tuple[bytes, ...], now: float, *, network: bool = True) -> CertIdentity:
+        """The verified identity of ``chain`` at ``now``. With ``network`` False, a check that would have to
+        wait on the network raises ``NeedsNetwork`` instead, so the service can run it off the event loop."""
         if not chain:
             raise Denied(reasons.CERT_MALFORMED, "empty certificate chain")
         key = hashlib.sha256(chain[0]).digest()
