@@ -37,13 +37,14 @@ Fetch = Callable[[str], bytes]
 
 def load_policy(config: Config, *, probe: bool = True) -> PolicyEngine:
     p = config.policy
-    bundle: PolicyBundle = load_bundle(p.paths, entrypoint=p.decision, engine=p.engine, data_files=p.data)
+    bundle: PolicyBundle = load_bundle(p.paths, entrypoint=p.decision, engine=p.engine, data_files=p.data,
+                                       rego_version=p.rego_version)
     if probe:
         probe_compile(bundle)
     if bundle.engine == "regorus":
         # Refused at load, never discovered per request: calls that cannot run, and constructs that mean
         # something else here than on OPA (``policy.divergence`` = "warn" lets the latter through, logged).
-        tree = rego_ast.parse(bundle.modules)
+        tree = rego_ast.parse(bundle.modules, rego_version=bundle.rego_version)
         callcheck.check(tree)
         for found in divergence.check(tree, p.divergence):
             log.warning("policy: %s", found)

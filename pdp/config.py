@@ -28,7 +28,7 @@ from pdp.credentials.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAI
 from pdp.credentials.rfc9449 import DpopSettings
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
-from pdp.policy.engine import ENGINES
+from pdp.policy.engine import ENGINES, REGO_VERSIONS
 from pdp.service.brute_force import LockoutSettings
 from pdp.service.listener_tls import ListenerTls
 
@@ -57,6 +57,8 @@ class PolicyConfig:
     decision_cache_size: int = 10_000
     #: A construct regorus evaluates otherwise than OPA (``pdp.policy.divergence``): "refuse" the policy or "warn".
     divergence: str = "refuse"
+    #: The Rego version the modules are written in: "v1" (OPA 1.x) or "v0" (not yet migrated; regorus only).
+    rego_version: str = "v1"
 
 
 @dataclass(frozen=True)
@@ -334,9 +336,14 @@ def _policy(t: _Table, base: Path) -> PolicyConfig:
     divergence = t.text("divergence", PolicyConfig.divergence) or PolicyConfig.divergence
     if divergence not in ("refuse", "warn"):
         raise ConfigError(t.key("divergence"), "must be one of refuse, warn")
+    rego_version = t.text("rego_version", PolicyConfig.rego_version) or PolicyConfig.rego_version
+    if rego_version not in REGO_VERSIONS:
+        raise ConfigError(t.key("rego_version"), f"must be one of {', '.join(REGO_VERSIONS)}")
+    if rego_version == "v0" and engine != "regorus":
+        raise ConfigError(t.key("rego_version"), "\"v0\" needs engine = \"regorus\" (regopy reads Rego v1 only)")
     t.done()
     return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision, decision_cache_size=cache,
-                        divergence=divergence)
+                        divergence=divergence, rego_version=rego_version)
 
 
 def _certificates(t: _Table, base: Path) -> CertificatesConfig:

@@ -57,7 +57,7 @@ def full_config(tmp: Path) -> dict[str, Any]:
                    "tls": {"cert": "listener.pem", "key": "listener.key", "client_ca": "callers.pem",
                            "allowed_callers": ["spiffe://example.org/gateway"]}},
         "policy": {"engine": "regorus", "paths": ["policy"], "data": ["extra.json"], "decision": "pdp/authz/allow",
-                   "decision_cache_size": 0, "divergence": "warn"},
+                   "decision_cache_size": 0, "divergence": "warn", "rego_version": "v0"},
         "certificates": {"max_chain_depth": 2, "cache_size": 0, "trust_bundles": [
             {"file": "ca.pem", "name": "example", "trust_domain": "example.org", "intermediates": "inter.pem",
              "crls": ["inter.crl"], "require_crl": True}]},

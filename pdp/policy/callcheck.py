@@ -12,7 +12,9 @@ function, the file and the line:
 - a call to a function of the bundle with too few or too many arguments (one
   more is allowed: OPA binds the last to the result);
 - a builtin call whose arguments are all constants and which fails on them
-  (``count(1)``, ``startswith(1, "a")``): it would fail on every request.
+  (``count(1)``, ``startswith(1, "a")``): it would fail on every request;
+- in a Rego v1 policy, a call to one of OPA's deprecated builtins (``any``,
+  ``re_match``, ``net.cidr_overlap``…), which OPA keeps for v0 policies only.
 """
 
 from __future__ import annotations
@@ -40,20 +42,22 @@ class CallProblem:
         return f"{self.file}:{self.line}: {self.function}: {self.problem}"
 
 
-def extensions() -> frozenset[str]:
-    """The names of pdp's own builtins registered with the engine, if that module is installed."""
+def extensions(rego_version: str = "v1") -> frozenset[str]:
+    """The names of pdp's own builtins registered with an engine reading ``rego_version``, if that module is
+    installed (OPA's deprecated builtins exist for Rego v0 policies only)."""
     try:
         module = importlib.import_module("pdp.policy.builtins")
     except ImportError:
         return frozenset()
-    return frozenset(str(getattr(ext, "name", ext)) for ext in getattr(module, "EXTENSIONS", ()))
+    return frozenset(str(getattr(ext, "name", ext)) for ext in getattr(module, "EXTENSIONS", ())
+                     if rego_version == "v0" or not getattr(ext, "v0_only", False))
 
 
 def _probe(call_text: str) -> str | None:
     """Evaluate ``call_text`` in an empty policy; the engine's error message, or None."""
-    import regorus
+    from pdp.policy.rego_version import new_engine
 
-    engine = regorus.Engine()
+    engine = new_engine()  # a constant call may be as long as a line of the module it is in
     try:
         engine.add_policy("probe.rego", f"package pdp_probe\nimport rego.v1\nx := {call_text}\n")
         engine.eval_rule("data.pdp_probe.x")
@@ -95,7 +99,8 @@ def _resolve(name: str, module: Module, bundle: Bundle) -> str | None:
 
 
 def find(bundle: Bundle) -> list[CallProblem]:
-    known = extensions()
+    known = extensions(bundle.rego_version)
+    v0_only = extensions("v0") - extensions("v1")
     found: list[CallProblem] = []
     for module in bundle.modules:
         for node in (n for rule in module.rules for n in walk(rule)):
@@ -116,6 +121,11 @@ def find(bundle: Bundle) -> list[CallProblem]:
                                              f"takes {arity} argument(s), called with {len(params)}"))
                 continue
             if name in known:
+                continue
+            if name in v0_only:
+                found.append(CallProblem(module.file, line, name,
+                                         "is a deprecated builtin that OPA keeps for Rego v0 policies only "
+                                         "(policy.rego_version = \"v0\")"))
                 continue
             if not engine_has(name):
                 found.append(CallProblem(module.file, line, name,

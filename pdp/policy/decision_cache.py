@@ -19,8 +19,12 @@ template; comments are left out. The cache is off for a bundle that:
 - calls a builtin whose answer is not a function of its arguments: the clock,
   randomness, the network, the runtime.
 
-One cache belongs to one compiled bundle (its version covers modules, data and
-entrypoint), so a reload starts empty. It is bounded (``policy.decision_cache_size``).
+One cache belongs to one compiled bundle (its version covers modules, data,
+entrypoint and Rego version), so a reload starts empty. It is bounded
+(``policy.decision_cache_size``). Rego v0 modules are read the same way: an
+import of a path into ``input`` (``import input.attributes.request.http as
+http_request``) is itself a reference, so the whole value at that path is
+part of the key, whatever the alias is used for.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from typing import Any
 #: that read the clock when not given a time).
 NONDETERMINISTIC = ("time.now_ns", "rand.intn", "uuid.rfc4122", "http.send", "net.lookup_ip_addr", "opa.runtime",
                     "io.jwt.decode_verify", "crypto.x509.parse_and_verify_certificates",
-                    "crypto.x509.parse_and_verify_certificates_with_options", "time.now")
+                    "crypto.x509.parse_and_verify_certificates_with_options", "time.now",
+                    # ECDSA and RSA-PSS signatures are randomized.
+                    "io.jwt.encode_sign", "io.jwt.encode_sign_raw")
 
 _INPUT = re.compile(r"(?<![\w.])input(?!\w)")
 # A step of a reference follows the one before with nothing between: in Rego, a '[' after a space or a

@@ -31,6 +31,10 @@ rule. `print` succeeds on undefined arguments and requires nothing, and an
 expression under `with` proves nothing about the real input. Bind the term first (``h := input.h.x`` then
 ``not startswith(h, "a")``) or give it a default (``object.get``), so the
 policy means the same on both engines.
+
+Rego v0 modules are checked the same way: they reach here parsed by regorus in
+v0 (``pdp.policy.rego_ast``), where the tree has the same kinds of nodes. A rule
+or statement of a kind this check does not know is refused, never skipped.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ from pdp.policy.rego_ast import (
 )
 
 MODES = ("refuse", "warn")
+#: What regorus's syntax tree holds at the top of a module and in a query (v0 and v1 alike); anything else
+#: is refused, not skipped.
+RULE_KINDS = ("Spec", "Default")
+LITERAL_KINDS = ("Expr", "NotExpr", "SomeVars", "SomeIn", "Every")
 
 
 @dataclass(frozen=True)
@@ -294,11 +302,21 @@ def _nested(node: Any) -> Iterator[tuple[Any, list[Any], list[Any]]]:
         yield from _nested(child)
 
 
+def _cannot_analyse(module: Module, node: Any, what: str) -> LoadError:
+    """A construct this check does not know: refused, never passed unread (a policy it cannot read is one
+    it cannot vouch for, whatever Rego version it is written in)."""
+    return LoadError("policy.paths", f"{module.file}:{line_of(node)}: {what} {kind(node) or '?'!r} is not one "
+                                     "the load-time divergence check can analyse; the policy is refused rather "
+                                     "than loaded unchecked")
+
+
 def _check_query(query: Any, scope: _Scope, found: list[Divergence]) -> _Scope:
     """Check each statement in order, with the names bound before it; return the scope at the end."""
     for stmt in query.get("stmts", []):
         literal = stmt["literal"]
         lk = kind(literal)
+        if lk not in LITERAL_KINDS:
+            raise _cannot_analyse(scope.module, literal, "a statement of kind")
         lb = body(literal)
         if lk == "NotExpr":
             expr = lb["expr"]
@@ -329,6 +347,8 @@ def find(bundle: Bundle) -> list[Divergence]:
     found: list[Divergence] = []
     for module in bundle.modules:
         for rule in module.rules:
+            if kind(rule) not in RULE_KINDS:
+                raise _cannot_analyse(module, rule, "a rule of kind")
             if kind(rule) != "Spec":
                 continue
             head = body(rule)["head"]

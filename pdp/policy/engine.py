@@ -23,6 +23,8 @@ from pdp.errors import LoadError
 from pdp.policy.decision_cache import DecisionCache
 
 ENGINES = ("regopy", "regorus")
+#: Rego language versions a bundle may be written in (``policy.rego_version``); v0 needs regorus.
+REGO_VERSIONS = ("v1", "v0")
 
 
 class PolicyEvalError(RuntimeError):
@@ -45,6 +47,8 @@ class PolicyBundle:
     data: dict[str, Any] = field(hash=False)
     entrypoint: str = "data.pdp.authz.result"
     engine: str = "regopy"
+    #: The Rego syntax the modules are read in: the same text means other rules in v0 and v1.
+    rego_version: str = "v1"
 
     @property
     def version(self) -> str:
@@ -53,6 +57,8 @@ class PolicyBundle:
             h.update(name.encode() + b"\0" + source.encode() + b"\0")
         h.update(json.dumps(self.data, sort_keys=True).encode())
         h.update(self.entrypoint.encode() + b"\0" + self.engine.encode())
+        if self.rego_version != "v1":  # v1 bundles keep the versions they had before v0 was known
+            h.update(b"\0rego_version=" + self.rego_version.encode())
         return h.hexdigest()[:16]
 
 
@@ -86,7 +92,8 @@ def _origin_of(origin: dict[str, str], dotted: str) -> str:
 
 
 def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str = "policy.paths",
-                data_files: Iterable[Path] = (), include_tests: bool = False) -> PolicyBundle:
+                data_files: Iterable[Path] = (), include_tests: bool = False,
+                rego_version: str = "v1") -> PolicyBundle:
     """Read every ``.rego`` module and ``.json`` data document under ``paths`` (and ``data_files``).
 
     Test modules (``*_test.rego``) are left out unless ``include_tests``: they
@@ -124,7 +131,9 @@ def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str
         _merge(data, doc, repr(str(f)), origin, file_key)
     if not modules:
         raise LoadError(key, "no .rego modules found")
-    return PolicyBundle(tuple(modules), data, entrypoint_query(entrypoint), engine)
+    if rego_version not in REGO_VERSIONS:
+        raise LoadError("policy.rego_version", f"unknown Rego version {rego_version!r} (v1 or v0)")
+    return PolicyBundle(tuple(modules), data, entrypoint_query(entrypoint), engine, rego_version)
 
 
 class Evaluator(Protocol):

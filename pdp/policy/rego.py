@@ -9,6 +9,10 @@ rego-cpp aborts the whole process on some inputs it cannot compile (seen with
 ``with input as … with data.x as …`` in one expression), so a regopy bundle is
 first compiled in a child process: a crash there refuses the bundle instead
 of taking the service down.
+
+Rego v0 policies (``policy.rego_version = "v0"``) run on regorus only, with its
+v0 switch on and OPA's deprecated builtins that v0 still has
+(``pdp.policy.rego_version`` says how each module is checked first).
 """
 
 from __future__ import annotations
@@ -84,16 +88,20 @@ class RegopyEvaluator:
 
 class RegorusEvaluator:
     def __init__(self, bundle: PolicyBundle) -> None:
-        import regorus
-
+        from pdp.policy import rego_version
         from pdp.policy.builtins import register
 
         self._entrypoint = bundle.entrypoint
-        engine = regorus.Engine()
-        register(engine)  # OPA's builtins that regorus lacks (io.jwt.*, crypto.x509.*, …)
-        try:
-            for name, source in bundle.modules:
+        # Before the engine reads them: v1 text read as v0 is not always refused by regorus.
+        rego_version.check(bundle.modules, bundle.rego_version)
+        engine = rego_version.new_engine(bundle.rego_version)
+        register(engine, bundle.rego_version)  # OPA's builtins that regorus lacks (io.jwt.*, crypto.x509.*, …)
+        for name, source in bundle.modules:
+            try:
                 engine.add_policy(name, source)
+            except Exception as exc:
+                raise rego_version.compile_error(name, source, bundle.rego_version, _short(str(exc))) from exc
+        try:
             engine.add_data(bundle.data)
         except Exception as exc:
             raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
@@ -125,6 +133,8 @@ def compile_evaluator(bundle: PolicyBundle) -> Evaluator:
             raise LoadError("policy.engine", "engine 'regorus' needs the gordon-to-regorus package") from exc
         return RegorusEvaluator(bundle)
     if bundle.engine == "regopy":
+        if bundle.rego_version != "v1":
+            raise LoadError("policy.rego_version", "Rego v0 needs engine 'regorus' (rego-cpp reads Rego v1 only)")
         return RegopyEvaluator(bundle)
     raise LoadError("policy.engine", f"unknown engine {bundle.engine!r} (regopy or regorus)")
 
@@ -133,6 +143,8 @@ def probe_compile(bundle: PolicyBundle) -> None:
     """Compile ``bundle`` in a child process first when the engine may abort the process."""
     if bundle.engine != "regopy":
         return
+    if bundle.rego_version != "v1":
+        raise LoadError("policy.rego_version", "Rego v0 needs engine 'regorus' (rego-cpp reads Rego v1 only)")
     payload = json.dumps({"modules": bundle.modules, "data": bundle.data, "entrypoint": bundle.entrypoint})
     # -I: the child imports the installed pdp, never a pdp/ folder in the working directory.
     try:

@@ -2,7 +2,9 @@
 
 The load-time checks (``pdp.policy.divergence``, ``pdp.policy.callcheck``)
 walk the syntax tree regorus itself builds (``Engine.get_ast_as_json``), so
-they see each module exactly as the engine that will evaluate it does. Nodes
+they see each module exactly as the engine that will evaluate it does (in the
+Rego version it is configured for: a v0 module is parsed with the engine's v0
+switch on, after ``pdp.policy.rego_version.check``). Nodes
 are JSON objects of one member, the node kind (``Call``, ``RefDot``,
 ``NotExpr``, …), whose value holds a ``span`` (line, column and byte offsets
 into the module).
@@ -79,6 +81,8 @@ class Bundle:
     modules: list[Module] = field(default_factory=list)
     #: Rules and functions by full dotted path (``data.pdp.authz.result``).
     rules: dict[str, RuleInfo] = field(default_factory=dict)
+    #: The Rego version the modules were parsed in (``policy.rego_version``).
+    rego_version: str = "v1"
 
 
 def dotted(node: Any) -> str | None:
@@ -159,15 +163,21 @@ def _index_rule(bundle: Bundle, module: Module, rule: Node) -> None:
         info.constant = True
 
 
-def parse(modules: tuple[tuple[str, str], ...], key: str = "policy.paths") -> Bundle:
-    """Parse every module with regorus; a module that does not parse is a ``LoadError`` naming it."""
-    import regorus
+def parse(modules: tuple[tuple[str, str], ...], key: str = "policy.paths", *, rego_version: str = "v1") -> Bundle:
+    """Parse every module with regorus, in ``rego_version``; a module that does not parse is a
+    ``LoadError`` naming it (and ``policy.rego_version`` when it is written in the other version)."""
+    from pdp.policy import rego_version as versions
 
-    bundle = Bundle()
+    versions.check(modules, rego_version)  # v1 text that regorus would read otherwise as v0
+    bundle = Bundle(rego_version=rego_version)
     for name, source in modules:
-        engine = regorus.Engine()
+        engine = versions.new_engine(rego_version)
         try:
             engine.add_policy(name, source)
+        except Exception as exc:
+            raise versions.compile_error(name, source, rego_version,
+                                         str(exc).split("Stack backtrace:")[0].strip(), key) from exc
+        try:
             tree = json.loads(engine.get_ast_as_json())
         except Exception as exc:
             raise LoadError(key, f"policy does not compile: {str(exc).split('Stack backtrace:')[0].strip()}") \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -43,3 +44,22 @@ def operand(name: str, pos: int, value: Any, kind: type | tuple[type, ...], want
 def string(name: str, pos: int, value: Any) -> str:
     result: str = operand(name, pos, value, str, "string")
     return result
+
+
+_RANK = {"null": 0, "boolean": 1, "number": 2, "string": 3, "array": 4, "object": 5, "set": 6}
+
+
+def rego_order(value: Any) -> tuple[int, str, Any]:
+    """A sort key putting values in Rego's order of types (null, booleans, numbers, strings, arrays, objects,
+    sets), scalars by value within their type; collections by their JSON text, which is Rego's order only
+    approximately (what a set of collections turns into when written as an array)."""
+    kind = type_name(value)
+    if kind in ("boolean", "number", "string"):
+        return _RANK[kind], "", value
+    if kind == "null":
+        return 0, "", 0
+    try:
+        text = json.dumps(value, sort_keys=True, default=lambda v: sorted(v, key=rego_order))
+    except (TypeError, ValueError):
+        text = repr(value)
+    return _RANK.get(kind, 7), text, 0

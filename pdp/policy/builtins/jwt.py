@@ -27,11 +27,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from jwt import PyJWK
 from jwt.algorithms import get_default_algorithms
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from pdp.policy.builtins._types import BuiltinError, operand, string
 
-_ALGORITHMS = {name: alg for name, alg in get_default_algorithms().items()
+ALGORITHMS = {name: alg for name, alg in get_default_algorithms().items()
                if name in {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                            "ES256", "ES384", "ES512", "EdDSA"}}
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -206,16 +206,16 @@ def _keys(name: str, text: str) -> list[_Key]:
         docs = doc["keys"] if isinstance(doc, dict) and "keys" in doc else [doc]
         if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
             raise ValueError("keys must be a list of objects")
-        docs = [d for d in docs if not isinstance(d.get("alg"), str) or d["alg"] in _ALGORITHMS]
+        docs = [d for d in docs if not isinstance(d.get("alg"), str) or d["alg"] in ALGORITHMS]
         jwks = [(PyJWK.from_dict(d), d) for d in docs]
-    except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+    except (PyJWTError, ValueError, TypeError, KeyError) as exc:
         raise BuiltinError(name, f"failed to parse a JWK key (set): {exc}") from exc
     return [_Key(jwk.key, jwk.key_id, d.get("alg")) for jwk, d in jwks]
 
 
 def _verify_with(alg: str, key: Any, token: _Token) -> bool:
     """Whether ``key`` signed ``token`` under ``alg``; an unknown algorithm or a key of another type is no."""
-    algorithm = _ALGORITHMS.get(alg)
+    algorithm = ALGORITHMS.get(alg)
     if algorithm is None or (alg.startswith("HS") and not isinstance(key, bytes)):
         return False
     try:
@@ -277,7 +277,7 @@ def _verifier(alg: str) -> Callable[[Any, Any], bool]:
     return verify
 
 
-VERIFIERS = {f"io.jwt.verify_{alg.lower()}": _verifier(alg) for alg in _ALGORITHMS}
+VERIFIERS = {f"io.jwt.verify_{alg.lower()}": _verifier(alg) for alg in ALGORITHMS}
 
 
 # --- decode_verify -----------------------------------------------------------------------------------

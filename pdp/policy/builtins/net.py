@@ -1,4 +1,5 @@
-"""OPA's ``net.cidr_merge``, ``net.cidr_contains`` and ``net.cidr_contains_matches``.
+"""OPA's ``net.cidr_merge``, ``net.cidr_contains``, ``net.cidr_contains_matches`` and ``net.cidr_intersects``
+(and, for Rego v0, the deprecated ``net.cidr_overlap``).
 
 For ``net.cidr_merge`` an IPv4 address without a prefix length is a /32; an
 IPv6 address needs one (OPA refuses it). Networks are written in normal form
@@ -138,3 +139,28 @@ def cidr_contains_matches(cidrs: Any, cidrs_or_ips: Any) -> set[tuple[Any, Any]]
     outer = _entries(name, 1, cidrs)
     inner = _entries(name, 2, cidrs_or_ips)
     return {(ko, ki) for ko, o in outer for ki, i in inner if _contains(name, o, i)}
+
+
+def cidr_intersects(cidr1: Any, cidr2: Any) -> bool:
+    """OPA's ``net.cidr_intersects``: whether the networks share an address (either holds the other's first
+    address, as Go's ``IPNet.Contains`` decides it)."""
+    name = "net.cidr_intersects"
+    networks: list[Network] = []
+    for pos, value in ((1, cidr1), (2, cidr2)):
+        if not isinstance(value, str):
+            raise BuiltinError(name, f"operand {pos} must be string but got {type_name(value)}")
+        network = _parse_cidr(value)
+        if network is None:
+            raise BuiltinError(name, f"invalid CIDR address: {value}")
+        networks.append(network)
+    a, b = networks
+    return _net_contains(a, b.network_address) or _net_contains(b, a.network_address)
+
+
+def cidr_overlap(cidr: Any, ip: Any) -> bool:
+    """OPA's deprecated ``net.cidr_overlap`` (Rego v0): ``net.cidr_contains`` under its old name."""
+    name = "net.cidr_overlap"
+    for pos, value in ((1, cidr), (2, ip)):
+        if not isinstance(value, str):
+            raise BuiltinError(name, f"operand {pos} must be string but got {type_name(value)}")
+    return _contains(name, cidr, ip)
