@@ -325,7 +325,8 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.paths] or [DEFAULT_POLICY_DIR]
     engine = args.engine or "regorus"
-    bundle = load_bundle(paths, entrypoint="data", engine=engine, include_tests=True)
+    bundle = load_bundle(paths, entrypoint="data", engine=engine, include_tests=True,
+                         rego_version="v0" if args.v0_compatible else "v1")
     try:
         probe_compile(bundle)
     except LoadError as exc:  # regopy only: it is compiled in a child process, which rego-cpp may abort
@@ -485,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="policy folders or files (default: the shipped policy)")
     p.add_argument("--engine", choices=["regopy", "regorus"])
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--v0-compatible", action="store_true",
+                   help="read the modules as Rego v0, as opa test --v0-compatible")
     p.set_defaults(func=cmd_policy_test, command_parser=p)
 
     conf = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)

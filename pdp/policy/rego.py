@@ -12,7 +12,8 @@ of taking the service down.
 
 Rego v0 policies (``policy.rego_version = "v0"``) run on regorus only, with its
 v0 switch on and OPA's deprecated builtins that v0 still has
-(``pdp.policy.rego_version`` says how each module is checked first).
+(``pdp.policy.rego_version`` says how each module is checked first, ``pdp.policy.v0_heads``
+which rule heads are refused after the engine has read them).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class RegopyEvaluator:
 
 class RegorusEvaluator:
     def __init__(self, bundle: PolicyBundle) -> None:
-        from pdp.policy import rego_version
+        from pdp.policy import rego_version, v0_heads
         from pdp.policy.builtins import register
 
         self._entrypoint = bundle.entrypoint
@@ -101,6 +102,12 @@ class RegorusEvaluator:
                 engine.add_policy(name, source)
             except Exception as exc:
                 raise rego_version.compile_error(name, source, bundle.rego_version, _short(str(exc))) from exc
+        if bundle.rego_version == "v0":  # rule heads that regorus reads otherwise than OPA
+            try:
+                tree = json.loads(engine.get_ast_as_json())
+            except Exception as exc:
+                raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
+            v0_heads.check(tree, bundle.rego_version)
         try:
             engine.add_data(bundle.data)
         except Exception as exc:

@@ -4,7 +4,8 @@ The load-time checks (``pdp.policy.divergence``, ``pdp.policy.callcheck``)
 walk the syntax tree regorus itself builds (``Engine.get_ast_as_json``), so
 they see each module exactly as the engine that will evaluate it does (in the
 Rego version it is configured for: a v0 module is parsed with the engine's v0
-switch on, after ``pdp.policy.rego_version.check``). Nodes
+switch on, after ``pdp.policy.rego_version.check``, and the v0 rule heads
+regorus reads otherwise than OPA are refused by ``pdp.policy.v0_heads``). Nodes
 are JSON objects of one member, the node kind (``Call``, ``RefDot``,
 ``NotExpr``, …), whose value holds a ``span`` (line, column and byte offsets
 into the module).
@@ -167,6 +168,7 @@ def parse(modules: tuple[tuple[str, str], ...], key: str = "policy.paths", *, re
     """Parse every module with regorus, in ``rego_version``; a module that does not parse is a
     ``LoadError`` naming it (and ``policy.rego_version`` when it is written in the other version)."""
     from pdp.policy import rego_version as versions
+    from pdp.policy import v0_heads
 
     versions.check(modules, rego_version)  # v1 text that regorus would read otherwise as v0
     bundle = Bundle(rego_version=rego_version)
@@ -182,6 +184,7 @@ def parse(modules: tuple[tuple[str, str], ...], key: str = "policy.paths", *, re
         except Exception as exc:
             raise LoadError(key, f"policy does not compile: {str(exc).split('Stack backtrace:')[0].strip()}") \
                 from exc
+        v0_heads.check(tree, rego_version, key)  # before any check reads a misread head
         ast = tree[0]["ast"]
         package = dotted(ast["package"]["refr"]) or ""
         imports: dict[str, str] = {}

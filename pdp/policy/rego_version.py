@@ -14,7 +14,8 @@ OPA refuses the module. So a v0 module that uses one of those words where v0
 does not know it as a keyword is refused here (``check``), before any engine
 reads it, naming the file, the line and ``policy.rego_version``. A v0 module
 whose own variable is named ``if`` or ``in`` is refused too (rename it); the
-builtin ``contains(…)`` is a call, not the keyword. A v0 module read as v1
+builtin ``contains(…)`` is a call, not the keyword (in a rule head, where regorus
+reads the keyword, ``pdp.policy.v0_heads`` refuses it). A v0 module read as v1
 fails to parse in the engine; ``compile_error`` then says in which version it
 does parse.
 """
@@ -37,7 +38,8 @@ MAX_LINES = 20_000
 #: The words Rego v1 always reads as keywords, and Rego v0 only after importing them.
 FUTURE_KEYWORDS = ("if", "contains", "in", "every")
 
-_IMPORT = re.compile(r"^[ \t]*import[ \t]+(future\.keywords(?:\.([A-Za-z_]+))?|rego\.v1)[ \t]*(?:#.*)?$",
+# `\r` before the line's end: a module saved with CRLF line endings imports as well as one with LF.
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+(future\.keywords(?:\.([A-Za-z_]+))?|rego\.v1)[ \t]*(?:#.*)?\r?$",
                      re.MULTILINE)
 _WORD = re.compile(r"(?<![\w.])(if|contains|in|every)(?![\w])")
 _CALL = re.compile(r"[ \t]*\(")
@@ -96,7 +98,7 @@ def v1_words(source: str) -> list[tuple[int, str]]:
         if word in known:
             continue
         if word == "contains" and _CALL.match(code, match.end()):
-            continue  # the builtin contains(haystack, needle)
+            continue  # the builtin contains(haystack, needle); a rule head's `contains(` is v0_heads's
         found.append((code.count("\n", 0, match.start()) + 1, word))
     return found
 

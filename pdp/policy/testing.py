@@ -5,7 +5,7 @@ undefined, and errors when evaluation fails. Tests are found by name in the
 module sources (``test_*`` rules at the start of a line, in the module's
 package), the same rule ``opa test`` uses. Rego v0 test modules (``test_x {
 … }``) run when the bundle is loaded as v0 (``load_bundle(…,
-rego_version="v0")``, as ``opa test --v0-compatible``).
+rego_version="v0")``; ``pdp policy test --v0-compatible``, as ``opa test --v0-compatible``).
 """
 
 from __future__ import annotations
