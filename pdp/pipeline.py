@@ -14,6 +14,7 @@ policy's question. Any unexpected error is a deny with ``internal_error``:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -56,8 +57,9 @@ _AMBIGUOUS_PATH = re.compile(
     r"|%(?:[01][0-9a-fA-F]|7[fF]|[cC][01]|[fF][5-9a-fA-F])|%[eE]0%[89][0-9a-fA-F]|%[fF]0%8[0-9a-fA-F]")
 
 
-#: Headers named so are pdp's to set: a client's own never reach the upstream.
-PDP_HEADER_PREFIX = "x-pdp-"
+#: Headers named 'x-pdp-*' are pdp's to set: a client's own never reach the upstream. Spelt with '_' too
+#: ('x_pdp_subject'): CGI, WSGI and Rack upstreams read '_' and '-' in a name alike.
+_PDP_HEADER = re.compile(r"x[-_]pdp[-_]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +73,7 @@ class UpstreamHeaders:
     decision_id: str = "x-pdp-decision-id"
 
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.spiffe_id, self.subject, self.client_id, self.cert_thumbprint,
-                                 self.decision_id) if n)
+        return _names(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,9 +325,7 @@ class Pdp:
         # removed (a client's 'x-pdp-subject' must not reach the upstream on a token without 'sub'), and
         # so is every 'x-pdp-*' the client sent (a policy may set 'x-pdp-tenant' on some requests only).
         remove = list(outcome.headers_to_remove)
-        # 'x_pdp_subject' too: CGI, WSGI and Rack upstreams read '_' and '-' in a name alike.
-        own = [*s.upstream.names(),
-               *(n for n in request.headers if n.replace("_", "-").startswith(PDP_HEADER_PREFIX))]
+        own = [*s.upstream.names(), *(n for n in request.headers if _PDP_HEADER.match(n))]
         remove += [n for n in dict.fromkeys(own) if n not in upstream and n not in remove]
         if s.remove_authorization:
             remove += [h for h in ("authorization", "dpop") if h not in remove and h not in upstream]
@@ -392,6 +391,12 @@ class Pdp:
         if outcome is not None and outcome.dynamic_metadata:
             meta["policy"] = dict(outcome.dynamic_metadata)
         return meta
+
+
+@functools.lru_cache(maxsize=8)
+def _names(upstream: UpstreamHeaders) -> tuple[str, ...]:
+    return tuple(n for n in (upstream.spiffe_id, upstream.subject, upstream.client_id, upstream.cert_thumbprint,
+                             upstream.decision_id) if n)
 
 
 def _header_value(value: str) -> str:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import select
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from conftest import bound_token, check_request
@@ -12,7 +17,7 @@ from hypothesis import strategies as st
 
 from pdp.decision import Decision, Step
 from pdp.request import CheckRequest
-from pdp.service.decision_log import DecisionLog
+from pdp.service.decision_log import FLUSH_INTERVAL, DecisionLog, DecisionStream
 
 
 def test_a_line_is_the_json_of_every_member(make_pdp: Any, pki: Any, issuer: Any) -> None:
@@ -45,3 +50,61 @@ def test_any_text_makes_a_valid_line(text: str, code: str) -> None:
     line = json.loads(DecisionLog().line(decision, request, None, None, None, 0.5))
     assert (line["message"], line["reason"], line["request"]["host"]) == (text, code, text)
     assert line["request"]["path"] == f"/{text}".split("?", 1)[0]
+
+
+@contextlib.contextmanager
+def _decision_lines(handler: logging.Handler) -> Iterator[None]:
+    logger = logging.getLogger("pdp.decisions")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
+
+
+def _read_lines(fd: int, count: int, deadline: float) -> list[str]:
+    data = b""
+    while data.count(b"\n") < count and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.05)[0]:
+            data += os.read(fd, 65536)
+    return data.decode().splitlines()
+
+
+def test_served_lines_reach_the_stream_without_further_traffic(make_pdp: Any, pki: Any, issuer: Any) -> None:
+    """As served, a line is written to the buffer and the flusher delivers it within FLUSH_INTERVAL: the
+    last decisions before a quiet spell are not left waiting for the next one."""
+    read, write = os.pipe()
+    stream = os.fdopen(write, "w")  # a pipe, as standard output is in a container: block-buffered
+    handler = DecisionStream(stream)
+    pdp = make_pdp()
+    try:
+        with _decision_lines(handler):
+            decisions = [pdp.decide(check_request(chain=pki.chain(), token=bound_token(issuer, pki.client)))
+                         for _ in range(3)]
+            lines = _read_lines(read, 3, time.monotonic() + 20 * FLUSH_INTERVAL + 5)
+    finally:
+        stream.close()
+        os.close(read)
+    assert [json.loads(line)["decision_id"] for line in lines] == [d.decision_id for d in decisions]
+
+
+def test_every_served_line_is_kept_and_the_rest_is_flushed_at_shutdown(make_pdp: Any, tmp_path: Any) -> None:
+    pdp = make_pdp()
+    path = tmp_path / "decisions.log"
+    with path.open("w") as stream:
+        handler = DecisionStream(stream)
+        with _decision_lines(handler):
+            decisions = [pdp.decide(check_request(path=f"/x/{i}")) for i in range(2000)]
+        handler.flush()  # what logging.shutdown does at exit
+        ids = [json.loads(line)["decision_id"] for line in path.read_text().splitlines()]
+    assert ids == [d.decision_id for d in decisions]
+
+
+def test_other_handlers_get_one_record_per_decision(make_pdp: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="pdp.decisions")
+    decision = make_pdp().decide(check_request())
+    records = [r for r in caplog.records if r.name == "pdp.decisions"]
+    assert [json.loads(r.getMessage())["decision_id"] for r in records] == [decision.decision_id]

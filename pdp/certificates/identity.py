@@ -8,6 +8,7 @@ serial, validity, SANs by type, the SPIFFE ID and trust domain (exactly one
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,6 +52,36 @@ class CertIdentity:
     policy_view: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     #: The leaf as URL-encoded PEM, as Envoy puts it in ``attributes.source.certificate``.
     url_encoded_pem: str = field(repr=False, compare=False, default="")
+
+
+#: What a PEM holds besides letters, digits and '-', and its percent-encoding.
+_PEM_QUOTED = (("+", "%2B"), ("/", "%2F"), ("=", "%3D"), ("\n", "%0A"), (" ", "%20"), ("\r", "%0D"))
+_PEM_TEXT = re.compile(r"[A-Za-z0-9+/=\n\r -]*")
+
+
+def url_quote_pem(pem: str) -> str:
+    """``urllib.parse.quote(pem, safe="")``, a few ``str.replace`` calls for a PEM's characters: quoting a
+    PEM character by character cost more than verifying the chain it came in."""
+    if _PEM_TEXT.fullmatch(pem) is None:
+        return urllib.parse.quote(pem, safe="")
+    for char, quoted in _PEM_QUOTED:
+        pem = pem.replace(char, quoted)
+    return pem
+
+
+_NAMES: dict[bytes, tuple[str, dict[str, list[str]]]] = {}
+
+
+def _dn(name: x509.Name) -> tuple[str, dict[str, list[str]]]:
+    """A name's RFC 4514 string and attributes, kept by its DER: an issuer's name repeats in every
+    certificate it signed, and a CA's subject in every chain (bounded: a flood starts the list again)."""
+    der = name.public_bytes()
+    kept = _NAMES.get(der)
+    if kept is None:
+        if len(_NAMES) >= 1024:
+            _NAMES.clear()
+        kept = _NAMES[der] = (name.rfc4514_string(), _name_attributes(name))
+    return kept
 
 
 def _name_attributes(name: x509.Name) -> dict[str, list[str]]:
@@ -109,7 +140,7 @@ def extract_identity(leaf: x509.Certificate, leaf_der: bytes, chain: list[x509.C
     key_type, key_size = _key_info(leaf)
     tp = thumbprint(leaf_der)
     subject = leaf.subject.rfc4514_string()
-    issuer = leaf.issuer.rfc4514_string()
+    issuer, issuer_attributes = _dn(leaf.issuer)
     serial = format(leaf.serial_number, "x")
     not_before = _timestamp(leaf.not_valid_before_utc)
     not_after = _timestamp(leaf.not_valid_after_utc)
@@ -117,7 +148,7 @@ def extract_identity(leaf: x509.Certificate, leaf_der: bytes, chain: list[x509.C
         "present": True,
         "thumbprint": tp,
         "subject": {"dn": subject, **_name_attributes(leaf.subject)},
-        "issuer": {"dn": issuer, **_name_attributes(leaf.issuer)},
+        "issuer": {"dn": issuer, **{k: list(v) for k, v in issuer_attributes.items()}},
         "serial": serial,
         "not_before": int(not_before),
         "not_after": int(not_after),
@@ -126,12 +157,12 @@ def extract_identity(leaf: x509.Certificate, leaf_der: bytes, chain: list[x509.C
         "trust_bundle": trust_bundle,
         "sans": {"dns": list(dns), "uri": list(uris), "email": list(emails), "ip": list(ips)},
         "key": {"type": key_type, "size": key_size},
-        "chain": [c.subject.rfc4514_string() for c in chain],
+        "chain": [subject, *(_dn(c.subject)[0] for c in chain[1:])],
     }
     pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
     return CertIdentity(
         thumbprint=tp, subject=subject, issuer=issuer, serial=serial, not_before=not_before,
         not_after=not_after, spiffe_id=spiffe_id, trust_domain=trust_domain, trust_bundle=trust_bundle,
         dns=dns, uris=uris, emails=emails, ips=ips, key_type=key_type, key_size=key_size,
-        policy_view=view, url_encoded_pem=urllib.parse.quote(pem, safe=""),
+        policy_view=view, url_encoded_pem=url_quote_pem(pem),
     )
