@@ -133,8 +133,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pdp import reasons
     from pdp.assemble import build_pdp
     from pdp.certificates.pem import PemError, pem_to_der_chain
+    from pdp.policy import explain
     from pdp.request import CheckRequest
 
+    if args.input and (args.json or args.explain):
+        args.command_parser.error("--input prints the policy's input document alone: leave out --json and --explain")
     config = _config(args.config)
     logging.getLogger("pdp.decisions").disabled = True
     pdp = build_pdp(config)
@@ -145,7 +148,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             raise ConfigError("--header", f"{h!r} is not 'Name: value'")
         headers[name.strip().lower()] = value.strip()
     if args.token:
-        headers["authorization"] = "Bearer " + _read(args.token).decode("utf-8", "replace").strip()
+        # With a DPoP proof (--header 'dpop: …') the token goes in the DPoP scheme (RFC 9449 §7.1).
+        scheme = "DPoP" if "dpop" in headers else "Bearer"
+        headers["authorization"] = f"{scheme} " + _read(args.token).decode("utf-8", "replace").strip()
     chain: tuple[bytes, ...] = ()
     cert_error = None
     if args.cert:
@@ -156,11 +161,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     request = CheckRequest(method=args.method.upper(), path=args.path, host=args.host, time=time.time(),
                            headers=MappingProxyType(headers), client_cert_chain=chain,
                            client_cert_error=cert_error)
-    decision = pdp.decide(request)
+    with explain.recording(pdp.policy) as evaluations:
+        decision = pdp.decide(request)
+    if args.input:
+        if not evaluations:  # denied before the policy: there is no document to show
+            print(f"pdp check: no input document: {explain.not_evaluated(decision)}: {decision.message}",
+                  file=sys.stderr)
+            return EXIT_ERROR if decision.reason == reasons.INTERNAL_ERROR.code else EXIT_DENY
+        _print(json.dumps(evaluations[-1].input, indent=2, default=repr))
+        return EXIT_ALLOW
     if args.json:
         from pdp.adapters.json_check import render
 
-        _print(json.dumps(render(decision), indent=2))
+        rendered = render(decision)
+        if args.explain:
+            rendered["explain"] = explain.explanation(pdp.policy.bundle, evaluations, decision)
+        _print(json.dumps(rendered, indent=2, default=repr))
     else:
         verdict = "ALLOW" if decision.allowed else "DENY"
         _print(f"{verdict} {decision.status} {decision.reason}: {decision.message}")
@@ -171,6 +187,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             _print(f"  upstream header {name}: {value}")
         for name, value in decision.response_headers.items():
             _print(f"  response header {name}: {value}")
+        if args.explain:
+            _print("\n".join(explain.explanation_lines(pdp.policy.bundle, evaluations, decision)))
     if decision.reason == reasons.INTERNAL_ERROR.code:
         return EXIT_ERROR
     return EXIT_ALLOW if decision.allowed else EXIT_DENY
@@ -297,7 +315,47 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
            f"  {command} serve --config {target}/pdp.toml &\n")
     _print(f"ask it from the command line:\n  {command} check --config {target}/pdp.toml --cert {target}/client.pem "
            f"--token {target}/token.jwt --method GET --path /orders\n")
+    _print(f"a token of your own (pdp dev token -h), with the read scope only, so a POST is denied:\n"
+           f"  {command} dev token --dir {target} --scope read --cert {target}/client.pem | {command} check "
+           f"--config {target}/pdp.toml --cert {target}/client.pem --token - --method POST --path /orders --explain\n")
     _print(curl_examples(target))
+    return 0
+
+
+# -- dev token, dev proof
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    from pdp.devinit import AUDIENCE
+    from pdp.devtokens import DevToolError, mint, parse_lifetime, parse_scope
+
+    try:
+        token = mint(Path(args.dir), scope=parse_scope(args.scope), lifetime=parse_lifetime(args.lifetime),
+                     audience=args.audience or AUDIENCE, subject=args.subject, client_id=args.client_id,
+                     cert=Path(args.cert) if args.cert else None,
+                     dpop_key_file=Path(args.dpop_key) if args.dpop_key else None, expired=args.expired)
+    except DevToolError as exc:
+        print(f"pdp dev token: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    _print(token)
+    return 0
+
+
+def cmd_dev_proof(args: argparse.Namespace) -> int:
+    from pdp.devtokens import DevToolError, dpop_key, proof, read_token
+
+    try:
+        key = dpop_key(Path(args.dpop_key), create=False)
+        token = None
+        if args.token:
+            try:
+                text = _read(args.token).decode("utf-8", "replace")
+            except OSError as exc:
+                raise DevToolError(f"--token: cannot read {args.token!r}: {exc.strerror or exc}") from None
+            token = read_token(text)
+        value = proof(key, args.method, args.url, token=token, nonce=args.nonce)
+    except DevToolError as exc:
+        print(f"pdp dev proof: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    _print(value)
     return 0
 
 
@@ -454,12 +512,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="decide on one request given as files; exit 0 allow, 1 deny, 2 error")
     p.add_argument("--config", help="the TOML config file")
     p.add_argument("--cert", help="client certificate chain (PEM, leaf first; - for stdin)")
-    p.add_argument("--token", help="file holding the access token (- for stdin)")
+    p.add_argument("--token", help="file holding the access token (- for stdin); sent as 'Bearer', or as 'DPoP' "
+                                  "when a DPoP proof is given (--header 'dpop: PROOF')")
     p.add_argument("--method", default="GET")
     p.add_argument("--path", default="/", type=_origin_path, help="the request path, with its query (default /)")
-    p.add_argument("--host", default="")
+    p.add_argument("--host", default="", help="the request's host (DPoP proofs name it: https://HOST/PATH)")
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
+    p.add_argument("--input", action="store_true",
+                   help="print the input document the policy is evaluated on for this request (JSON), whatever "
+                        "it decides: exit 0; 1 when pdp denies before the policy runs (an invalid credential: "
+                        "no document, the reason on stderr)")
+    p.add_argument("--explain", action="store_true",
+                   help="also show the policy step: its answer (reason, scope), the input paths it reads with "
+                        "their values, and on regorus the policy lines evaluated (coverage: a line listed was "
+                        "evaluated, whether it held or not; the answer names the rule that decided, the lines "
+                        "cannot)")
     p.set_defaults(func=cmd_check, command_parser=p)
 
     cert = sub.add_parser("cert", help="certificate tools").add_subparsers(dest="cert_command", required=True)
@@ -480,6 +548,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_dev_init, command_parser=p)
+    p = dev.add_parser("token", help="print an access token of the dev issuer (only the token: $(pdp dev token))",
+                       description="Print an access token (RFC 9068) signed by the issuer `pdp dev init DIR` wrote. "
+                                   "Without --cert or --dpop-key it is unbound, which the dev setup refuses "
+                                   "(token_unbound). Errors: one line naming the option or file, exit 2.")
+    p.add_argument("--dir", default="dev", help="the folder `pdp dev init` wrote (default: dev)")
+    p.add_argument("--scope", default="read write", help="space-separated scopes (default: 'read write')")
+    p.add_argument("--lifetime", default="1h", metavar="DURATION",
+                   help="how long it is valid: 90s, 15m, 1h, 7d, 2w (default: 1h)")
+    p.add_argument("--audience", help="the aud claim (default: the dev config's audience)")
+    p.add_argument("--subject", default="demo-user", help="the sub claim (default: demo-user)")
+    p.add_argument("--client-id", default="demo-client", help="the client_id claim (default: demo-client)")
+    p.add_argument("--cert", metavar="FILE",
+                   help="bind it to the client certificate in this PEM file (RFC 8705 cnf.x5t#S256)")
+    p.add_argument("--dpop-key", metavar="FILE",
+                   help="bind it to the DPoP key in this private JWK file, created (mode 0600) when missing "
+                        "(RFC 9449 cnf.jkt)")
+    p.add_argument("--expired", action="store_true", help="a token that expired an hour ago")
+    p.set_defaults(func=cmd_dev_token, command_parser=p)
+    p = dev.add_parser("proof", help="print a DPoP proof (RFC 9449) for a request")
+    p.add_argument("method", metavar="METHOD", help="the request's method (GET)")
+    p.add_argument("url", metavar="URL", help="the request's URL (https://api.example.org/orders); query and "
+                                              "fragment are left out of the proof")
+    p.add_argument("--dpop-key", required=True, metavar="FILE",
+                   help="the private JWK file of the DPoP key (pdp dev token --dpop-key FILE creates it)")
+    p.add_argument("--token", metavar="FILE",
+                   help="file holding the access token the proof goes with (- for stdin): adds ath")
+    p.add_argument("--nonce", help="the server's nonce (its DPoP-Nonce header)")
+    p.set_defaults(func=cmd_dev_proof, command_parser=p)
 
     pol = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
     p = pol.add_parser("test", help="run test_ rules, like `opa test`")

@@ -203,6 +203,33 @@ class DpopKey:
                 "y": b64url_encode(nums.y.to_bytes(32, "big"))}
 
     @property
+    def private_jwk(self) -> dict[str, Any]:
+        """The key pair as an RFC 7517 private JWK (``d`` included): keep it secret."""
+        d = self.key.private_numbers().private_value
+        return {**self.public_jwk, "d": b64url_encode(d.to_bytes(32, "big"))}
+
+    @classmethod
+    def from_jwk(cls, jwk: Any) -> DpopKey:
+        """The key of a private P-256 JWK (as ``private_jwk`` writes it); ``ValueError`` for anything else,
+        a ``d`` that is not the private key of ``x`` and ``y`` included."""
+        from pdp.credentials.jose import DecodeError, b64url_decode
+
+        if not isinstance(jwk, dict) or jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+            raise ValueError("not an EC P-256 JWK")
+        if not all(isinstance(jwk.get(m), str) for m in ("x", "y", "d")):
+            raise ValueError("a private EC JWK needs string members x, y and d")
+        try:
+            d = b64url_decode(jwk["d"])
+        except DecodeError as exc:
+            raise ValueError(f"its d is not base64url: {exc}") from None
+        if len(d) != 32:
+            raise ValueError("its d is not a P-256 private key (32 bytes)")
+        key = cls(ec.derive_private_key(int.from_bytes(d, "big"), ec.SECP256R1()))
+        if (key.public_jwk["x"], key.public_jwk["y"]) != (jwk["x"], jwk["y"]):
+            raise ValueError("its x and y are not the public key of its d")
+        return key
+
+    @property
     def jkt(self) -> str:
         from pdp.credentials.rfc7638 import jwk_thumbprint
 

@@ -360,6 +360,7 @@ class Pdp:
             dpop = reason.dpop or trace.dpop
             response_headers["www-authenticate"] = challenge(
                 realm=self.settings.realm, error=reason.oauth_error, description=reason.description,
+                scope=outcome.scope if outcome is not None else None,  # the policy's: what the request needs
                 scheme="DPoP" if dpop else "Bearer", algs=self.dpop.algs_param if dpop else None)
         if reason is reasons.DPOP_NONCE_REQUIRED:
             response_headers["dpop-nonce"] = self.nonces.issue(time.time())

@@ -18,6 +18,9 @@
 #                          exact IDs or prefixes ending in "/*"; every listed scope is required.
 #                          A request no route covers (say, an unlisted method) is denied.
 #
+# The result is an object: "allowed", "reason" and, on insufficient_scope, "scope" (the scopes
+# the matching routes require, space-separated), which pdp sends in the RFC 6750 challenge.
+#
 # input.path is the request path without query string (a pdp addition to the
 # opa-envoy-plugin input; attributes.request.http.path keeps the query). pdp refuses
 # paths that are not in normal form (dot segments, "//", needless percent-encoding,
@@ -46,7 +49,7 @@ result := {"allowed": true, "reason": "public_path"} if {
 	count(matching_routes) == 0
 } else := {"allowed": false, "reason": "spiffe_id_denied"} if {
 	spiffe_id_denied
-} else := {"allowed": false, "reason": "insufficient_scope"} if {
+} else := {"allowed": false, "reason": "insufficient_scope", "scope": concat(" ", sort(required_scopes))} if {
 	scope_missing
 } else := {"allowed": true, "reason": "allowed"}
 
@@ -87,9 +90,17 @@ spiffe_id_listed(ids) if {
 }
 
 scope_missing if {
+	some scope in required_scopes
+	not scope in token_scopes
+}
+
+# Every scope the routes that apply require. On insufficient_scope the result names them all in its
+# "scope" member (sorted, space-separated): pdp puts it into the RFC 6750 challenge
+# (WWW-Authenticate: Bearer error="insufficient_scope", scope="read write"), so that a client asks
+# its authorization server for a token with the scopes this request needs.
+required_scopes contains scope if {
 	some route in matching_routes
 	some scope in object.get(route, "scopes", [])
-	not scope in token_scopes
 }
 
 # A token without scopes has none. A rule with a default is never undefined, so `not scope in token_scopes`

@@ -148,3 +148,32 @@ test_a_token_without_scopes_is_enough_where_no_scope_is_needed if {
 		with data.pdp.config.routes as routes
 	r.allowed
 }
+
+# insufficient_scope names the scopes the request needs (RFC 6750 §3 scope attribute): all those of the
+# routes that apply, the ones the token has included, sorted and space-separated.
+test_insufficient_scope_names_the_scope_the_route_needs if {
+	r := data.pdp.authz.result with input as req("POST", "/orders", cert, token(["read"]), bound)
+	r.reason == "insufficient_scope"
+	r.scope == "write"
+}
+
+test_insufficient_scope_names_every_scope_of_every_route_that_applies if {
+	r := data.pdp.authz.result with input as req("GET", "/admin/users", admin_cert, token(["read"]), bound)
+	r.reason == "insufficient_scope"
+	r.scope == "admin read"
+}
+
+test_insufficient_scope_of_a_token_without_scopes_names_the_scope if {
+	r := data.pdp.authz.result with input as req("HEAD", "/orders", cert, {"present": true, "sub": "u"}, bound)
+	r.reason == "insufficient_scope"
+	r.scope == "read"
+}
+
+test_only_insufficient_scope_names_a_scope if {
+	allowed := data.pdp.authz.result with input as req("POST", "/orders", cert, token(["write"]), bound)
+	allowed.allowed
+	not allowed.scope
+	unbound_token := data.pdp.authz.result with input as req("POST", "/orders", cert, token(["read"]), unbound)
+	unbound_token.reason == "token_unbound"
+	not unbound_token.scope
+}

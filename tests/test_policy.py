@@ -325,7 +325,7 @@ def test_shipped_policy_evaluates_from_many_threads(engine: str) -> None:
             elif i % 2 == 0:
                 assert value == {"allowed": True, "reason": "allowed"}
             else:
-                assert value == {"allowed": False, "reason": "insufficient_scope"}
+                assert value == {"allowed": False, "reason": "insufficient_scope", "scope": "write"}
 
 
 # -- probe_compile

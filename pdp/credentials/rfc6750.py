@@ -3,6 +3,10 @@
 ``error`` is ``invalid_request``, ``invalid_token`` or ``insufficient_scope``;
 with no credentials at all the challenge names no error (§3.1). Quoted values
 may hold only %x20-21 / %x23-5B / %x5D-7E, so descriptions are reduced to that.
+The ``scope`` attribute names the scope the resource needs, as RFC 6749 §3.3
+scope-tokens separated by spaces (``scope-token = 1*( %x21 / %x23-5B / %x5D-7E )``);
+``scope_tokens`` keeps only words that are scope-tokens (a policy's ``scope`` is read
+through it), and the challenge quotes what it is given like any other value.
 """
 
 from __future__ import annotations
@@ -10,10 +14,18 @@ from __future__ import annotations
 import re
 
 _UNSAFE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+_SCOPE_TOKEN = re.compile(r'[\x21\x23-\x5b\x5d-\x7e]+')
 
 
 def _quoted(value: str) -> str:
     return '"' + _UNSAFE.sub("", value) + '"'
+
+
+def scope_tokens(words: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The RFC 6749 §3.3 scope-tokens of a space-separated scope string (or of a list of them), each
+    once, in order; any other word is dropped."""
+    parts = words.split(" ") if isinstance(words, str) else [w for word in words for w in word.split(" ")]
+    return tuple(dict.fromkeys(p for p in parts if _SCOPE_TOKEN.fullmatch(p)))
 
 
 def challenge(*, realm: str, error: str | None = None, description: str | None = None,

@@ -10,7 +10,11 @@ Read as opa-envoy-plugin reads it (``envoyauth/response.go``), member by member:
 - ``query_parameters_to_set``: an object of strings or lists of strings (allow only);
 - ``http_status`` (an integer status) and ``body`` (a string): read on a deny only;
 - ``dynamic_metadata`` (an object);
-- pdp's ``reason`` (a reason code string).
+- pdp's ``reason`` (a reason code string);
+- pdp's ``scope``, read on a deny only: the scope the request needs, a space-separated string or a list
+  of strings, which goes into the RFC 6750 §3 challenge (``WWW-Authenticate: Bearer
+  error="insufficient_scope", scope="read write"``). Words that are not RFC 6749 §3.3 scope-tokens (a
+  quote, a backslash, a control character) are dropped; a member of another type is an error.
 
 A member the plugin does not read for this verdict is not looked at (a malformed ``body`` on an allow
 is no error there either). Other members are ignored, as the plugin ignores them: they cannot change the
@@ -27,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdp.credentials.rfc6750 import scope_tokens
 from pdp.policy.engine import Undefined
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -55,6 +60,8 @@ class PolicyOutcome:
     #: Further values of an unjoinable header (``set-cookie``) in ``headers`` / ``response_headers_to_add``.
     more_headers: tuple[tuple[str, str], ...] = ()
     more_response_headers: tuple[tuple[str, str], ...] = ()
+    #: On a deny, the scope the request needs (RFC 6749 scope-tokens, space-separated) for the challenge.
+    scope: str | None = None
 
 
 def _header_pairs(value: Any, member: str) -> list[tuple[str, str]]:
@@ -117,6 +124,18 @@ def _query_to_set(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _scope(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        tokens = scope_tokens(value)
+    elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+        tokens = scope_tokens(value)
+    else:
+        raise PolicyResultError("'scope' must be a string or a list of strings")
+    return " ".join(tokens) or None
+
+
 def read_outcome(value: Any) -> PolicyOutcome:
     if isinstance(value, Undefined):
         return PolicyOutcome(allowed=False, reason=None)
@@ -156,4 +175,5 @@ def read_outcome(value: Any) -> PolicyOutcome:
     return PolicyOutcome(
         allowed=False, reason=reason, headers=headers, response_headers=response_headers, http_status=status,
         body=body, dynamic_metadata=meta, more_headers=more_headers, more_response_headers=more_response,
+        scope=_scope(value.get("scope")),
     )
