@@ -1,34 +1,89 @@
-"""Certificate revocation by CRLs (RFC 5280 §5, §6.3), loaded per trust bundle.
+"""Certificate revocation (RFC 5280 §5, §6.3; RFC 6960): CRL files per trust bundle, OCSP, CRL distribution points.
 
-A CRL that names a CA of its bundle must be signed by it (checked at load);
-any CRL counts for a certificate only if its issuer's key verifies it. When a chain is verified, every
-certificate below the trust anchor is looked up in the CRL of its issuer,
-checked against that issuer's key: a listed serial is ``cert_revoked``; a CRL
-past its ``nextUpdate`` is ``cert_revocation_unknown`` (fail closed: a stale
-list cannot vouch for anyone). A bundle with ``require_crl`` also refuses
-certificates whose issuer has no CRL.
+When a chain is verified, every certificate below the trust anchor is checked,
+against the issuing CA *of the verified chain* (never a URL or a key from an
+unverified certificate). The sources, in this order:
 
-CRL files are re-read when they change, like the bundles; verified identities
-are cached no longer than the ``nextUpdate`` of the CRLs they were checked
-against.
+1. **the bundle's CRL files** (``crls``), read at load; a CRL that names a CA of
+   its bundle must be signed by it (checked at load), and any CRL counts for a
+   certificate only if its issuer's key verifies it;
+2. **answers already in this process** from OCSP or a CRL distribution point
+   (``pdp.certificates.online_revocation``): free, so always consulted;
+3. **the network**, only while no fresh answer is had: the certificate's OCSP
+   responders (``ocsp``: small, per-certificate, usually fresher), then its
+   CRL distribution points (``crl_distribution_points``); each looked up in
+   the shared store first.
+
+A ``revoked`` from any source consulted is ``cert_revoked``, also from a
+source past its ``nextUpdate`` (a CRL file, or an answer held in process):
+staleness only stops a source vouching that a certificate is *not* revoked,
+and a revoked certificate stays revoked (RFC 5280 §3.3). The one exception is
+``certificateHold``: a hold the CA may have lifted since, so a stale source's
+hold counts as an unknown status, a current source's as revoked. The first
+fresh ``good`` ends the search. A certificate *needs* an answer when it names an
+OCSP responder or a CRL distribution point that is switched on, when its
+issuer has a CRL file, with ``require_crl`` (the issuer must have a CRL file)
+or with ``require_revocation``. A certificate that needs an answer and gets
+none (a CRL file past its ``nextUpdate``, responders down, slow, lying,
+stale…) has its status unknown: ``revocation = "hard"`` (the default) denies
+it ``cert_revocation_unknown``; ``"soft"`` lets it through, logged and counted,
+and keeps the verified identity only ``retry_after`` seconds so the sources
+are soon asked again. Delta and partitioned CRLs, and CRLs with a critical
+extension that cannot be processed (§5.2, §5.3), are refused everywhere.
+
+Verified identities are cached no longer than the earliest ``nextUpdate`` of
+the answers they were checked against.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
 from pdp import reasons
+from pdp.certificates.crl_distribution import (
+    CrlError,
+    distribution_point_urls,
+    listing,
+    on_hold,
+    partial_crl,
+    read_entries,
+    signed_by,
+    unsupported_extension,
+)
+from pdp.certificates.ocsp import ocsp_urls
+from pdp.certificates.online_revocation import OnlineRevocation
 from pdp.errors import Denied, LoadError
+
+log = logging.getLogger("pdp")
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----\s*", re.DOTALL)
 
-
 CRL = x509.CertificateRevocationList
+
+MODES = ("hard", "soft")
+
+
+@dataclass(frozen=True)
+class RevocationPolicy:
+    """A trust bundle's revocation settings (``[[certificates.trust_bundles]]``, see docs/configuration.md)."""
+
+    #: "hard": a certificate whose status cannot be had is denied; "soft": allowed, logged and counted.
+    mode: str = "hard"
+    ocsp: bool = True
+    crl_distribution_points: bool = True
+    #: Every certificate below the anchor must get an answer, even one that names no source.
+    require: bool = False
+    #: The longest one chain's revocation check waits on the network, all fetches together.
+    timeout: float = 2.0
+    max_crl_bytes: int = 4 * 1024 * 1024
 
 
 def load_crls(paths: Iterable[Path], signers: Sequence[x509.Certificate], key: str) -> tuple[CRL, ...]:
@@ -45,50 +100,105 @@ def load_crls(paths: Iterable[Path], signers: Sequence[x509.Certificate], key: s
         except ValueError as exc:
             raise LoadError(key, f"{str(path)!r} is not a CRL: {exc}") from exc
         for crl in found:
-            for ext in (x509.DeltaCRLIndicator, x509.IssuingDistributionPoint):
-                try:
-                    crl.extensions.get_extension_for_class(ext)
-                except x509.ExtensionNotFound:
-                    continue
+            partial = partial_crl(crl)
+            if partial:
                 # A delta or partitioned CRL covers only part of the revocations: used alone, or
                 # preferred for being newer, it would hide the rest. Only complete CRLs are accepted.
-                raise LoadError(key, f"{str(path)!r}: delta and partitioned CRLs ({ext.__name__}) are not "
+                raise LoadError(key, f"{str(path)!r}: delta and partitioned CRLs ({partial}) are not "
                                      "supported; give the complete CRL")
+            try:
+                unknown = unsupported_extension(crl)
+                if unknown:
+                    raise CrlError(f"a critical extension {unknown} that cannot be processed", "unsupported")
+                read_entries(crl)
+            except (CrlError, ValueError, x509.DuplicateExtension) as exc:
+                raise LoadError(key, f"{str(path)!r}: the CRL cannot be used: {exc}") from exc
             # A CRL of a bundle CA must carry that CA's signature. A CRL of an intermediate the bundle
             # does not hold is checked against the intermediate a client presents, when it presents it.
             named = [s for s in signers if s.subject == crl.issuer]
-            if named and not any(_signed_by(crl, s) for s in named):
+            if named and not any(signed_by(crl, s) for s in named):
                 raise LoadError(key, f"CRL in {str(path)!r} names a CA of its trust bundle but is not signed by it")
         crls += found
     return tuple(crls)
 
 
-def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-    try:
-        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
 def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList], now: float,
-                *, require: bool) -> float:
-    """Raise ``Denied`` if a certificate below the anchor is revoked or its status unknown; return the
-    earliest ``nextUpdate`` consulted (how long the answer may be cached), or infinity."""
+                *, require: bool, policy: RevocationPolicy | None = None, online: OnlineRevocation | None = None,
+                network: bool = True) -> float:
+    """Raise ``Denied`` if a certificate below the anchor of the verified ``chain`` is revoked, or its status
+    unknown under a hard policy; return how long the answer may be cached (the earliest ``nextUpdate``
+    consulted, ``retry_after`` after a soft failure, or infinity). ``require`` is ``require_crl``. With
+    ``network`` False, raise ``NeedsNetwork`` where an answer would have to be fetched."""
+    policy = policy or RevocationPolicy()
+    deadline = time.monotonic() + policy.timeout
     until = float("inf")
     for cert, issuer in itertools.pairwise(chain):
-        candidates = [c for c in crls if c.issuer == cert.issuer and _signed_by(c, issuer)]
-        if not candidates:
-            if require:
-                raise Denied(reasons.CERT_REVOCATION_UNKNOWN,
-                             f"no CRL for issuer {cert.issuer.rfc4514_string()} (require_crl)")
-            continue
+        answered, problems = _check_one(cert, issuer, crls, now, require, policy, online, network, deadline)
+        if answered is not None:
+            until = min(until, answered)
+        elif problems:
+            detail = (f"revocation status of certificate {format(cert.serial_number, 'x')} of "
+                      f"{cert.issuer.rfc4514_string()} unknown: " + "; ".join(problems))
+            if policy.mode != "soft":
+                raise Denied(reasons.CERT_REVOCATION_UNKNOWN, detail)
+            log.warning("revocation: allowed (revocation = \"soft\"): %s", detail)
+            if online is not None:
+                online.stats.soft_fail()
+            until = min(until, now + (online.retry_after if online is not None else 10.0))
+    return until
+
+
+def _check_one(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[CRL], now: float, require: bool,
+               policy: RevocationPolicy, online: OnlineRevocation | None, network: bool,
+               deadline: float) -> tuple[float | None, list[str]]:
+    """The time until which ``cert`` is known not revoked; or None and, when it needed an answer, why none came."""
+    problems: list[str] = []
+    answers: list[float] = []
+    needed = policy.require
+    candidates = [c for c in crls if c.issuer == cert.issuer and signed_by(c, issuer)]
+    if candidates:
+        needed = True
         crl = max(candidates, key=lambda c: c.last_update_utc)
+        # A CRL file without nextUpdate is current until it is replaced: the operator publishes it.
         next_update = crl.next_update_utc.timestamp() if crl.next_update_utc else float("inf")
-        if now > next_update:
-            raise Denied(reasons.CERT_REVOCATION_UNKNOWN,
-                         f"the CRL of {cert.issuer.rfc4514_string()} is past its nextUpdate")
-        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+        stale = now > next_update
+        entry = listing(crl, cert)
+        if entry is not None and not (stale and on_hold(entry)):
             raise Denied(reasons.CERT_REVOKED, f"certificate {format(cert.serial_number, 'x')} is revoked by "
                                                f"{cert.issuer.rfc4514_string()}")
-        until = min(until, next_update)
-    return until
+        if stale:
+            problems.append(f"the CRL of {cert.issuer.rfc4514_string()} is past its nextUpdate")
+        else:
+            answers.append(next_update)
+    elif require:
+        needed = True
+        problems.append(f"no CRL for issuer {cert.issuer.rfc4514_string()} (require_crl)")
+    try:
+        responders = ocsp_urls(cert) if policy.ocsp else ()
+        points = distribution_point_urls(cert) if policy.crl_distribution_points else ()
+    except (ValueError, x509.DuplicateExtension) as exc:  # extensions are parsed on access
+        raise Denied(reasons.CERT_MALFORMED, f"unparseable revocation extension: {exc}") from exc
+    if responders or points:
+        needed = True
+        if online is None:
+            problems.append("no way to ask the OCSP responders and CRL distribution points it names")
+        else:
+            for answer in online.cached(cert, issuer, responders, points, now):
+                if answer.revoked:
+                    raise Denied(reasons.CERT_REVOKED, f"certificate {format(cert.serial_number, 'x')} is revoked "
+                                                       f"({answer.source})")
+                answers.append(answer.until)
+    if answers:
+        return min(answers), []
+    if not needed:
+        return None, []
+    if online is not None and (responders or points):
+        fetched, more = online.obtain(cert, issuer, responders, points, now, timeout=policy.timeout,
+                                      max_crl_bytes=policy.max_crl_bytes, deadline=deadline, network=network)
+        if fetched is not None:
+            if fetched.revoked:
+                raise Denied(reasons.CERT_REVOKED, f"certificate {format(cert.serial_number, 'x')} is revoked "
+                                                   f"({fetched.source})")
+            return fetched.until, []
+        problems += more
+    return None, problems or ["it names no OCSP responder or CRL distribution point (require_revocation)"]

@@ -7,15 +7,20 @@ be pinned to a SPIFFE trust domain: it then vouches only for certificates
 whose SPIFFE ID is in that domain, so one federated domain's CA cannot mint
 identities for another.
 
+Every certificate below the anchor is then checked for revocation
+(``pdp.certificates.revocation``: CRL files, OCSP, CRL distribution points).
+
 Verified chains are cached by the leaf's SHA-256, never past the earliest
-``not_after`` in the verified chain, so a returning client costs one hash.
+``not_after`` in the verified chain nor past the revocation answers they were
+checked against, so a returning client costs one hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,8 +36,9 @@ from cryptography.x509.verification import (
 from pdp import reasons
 from pdp.cache import ExpiringCache
 from pdp.certificates.identity import CertIdentity, extract_identity, spiffe_of
+from pdp.certificates.online_revocation import OnlineRevocation
 from pdp.certificates.pem import PemError, pem_to_der_chain
-from pdp.certificates.revocation import check_chain, load_crls
+from pdp.certificates.revocation import RevocationPolicy, check_chain, load_crls
 from pdp.errors import Denied, LoadError
 
 
@@ -48,6 +54,7 @@ class TrustBundle:
     intermediates: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     require_crl: bool = False
+    revocation: RevocationPolicy = field(default_factory=RevocationPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_store", Store(list(self.roots)))
@@ -75,12 +82,14 @@ def load_certificates(path: Path, key: str) -> tuple[x509.Certificate, ...]:
 
 def load_bundle(path: Path, name: str, trust_domain: str | None, key: str,
                 intermediates: Path | None = None, intermediates_key: str = "", crls: Sequence[Path] = (),
-                crls_key: str = "", require_crl: bool = False) -> TrustBundle:
+                crls_key: str = "", require_crl: bool = False,
+                revocation: RevocationPolicy | None = None) -> TrustBundle:
     """Load a PEM file of root certificates (and optionally intermediates and CRLs)."""
     roots = load_certificates(path, key)
     extra = load_certificates(intermediates, intermediates_key) if intermediates else ()
     return TrustBundle(name=name, roots=roots, trust_domain=trust_domain, intermediates=extra,
-                       crls=load_crls(crls, [*roots, *extra], crls_key), require_crl=require_crl)
+                       crls=load_crls(crls, [*roots, *extra], crls_key), require_crl=require_crl,
+                       revocation=revocation or RevocationPolicy())
 
 
 # Web PKI rules for CAs; for the client leaf the same, except that a SAN is optional: many
@@ -91,12 +100,33 @@ _EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
 
 
 class ChainVerifier:
+    """Verifies client chains against ``bundles``. ``revocation`` asks OCSP responders and CRL distribution
+    points (without one, a certificate that names them has its revocation status unknown); its refresher runs
+    between ``start()`` and ``stop()``."""
+
     def __init__(self, bundles: list[TrustBundle], *, max_chain_depth: int = 4, cache_size: int = 10_000,
-                 max_cache_seconds: float = 3600.0) -> None:
+                 max_cache_seconds: float = 3600.0, revocation: OnlineRevocation | None = None) -> None:
         self.bundles = bundles
         self._max_depth = max_chain_depth
         self._max_cache = max_cache_seconds
         self._cache: ExpiringCache[bytes, CertIdentity] = ExpiringCache(cache_size)
+        self.revocation = revocation or OnlineRevocation(None)
+        # A newly kept answer that revokes a certificate must not wait for cached identities to expire. The
+        # generation keeps a verification that was under way when it came from caching what it verified.
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+        self.revocation.on_change.append(self._forget_identities)
+
+    def start(self) -> None:
+        """Start renewing revocation answers in the background (a daemon thread)."""
+        self.revocation.start()
+
+    def stop(self) -> None:
+        self.revocation.stop()
+
+    def close(self) -> None:
+        """Stop the refresher and close the revocation HTTP client."""
+        self.revocation.close()
 
     def verify(self, chain: tuple[bytes, ...], now: float, *, network: bool = True) -> CertIdentity:
         """The verified identity of ``chain`` at ``now``. With ``network`` False, a check that would have to
@@ -107,11 +137,19 @@ class ChainVerifier:
         cached = self._cache.get(key, now)
         if cached is not None and cached.not_before <= now:
             return cached
-        identity, expires = self._verify_uncached(chain, now)
-        self._cache.put(key, identity, min(expires, now + self._max_cache))
+        generation = self._generation
+        identity, expires = self._verify_uncached(chain, now, network)
+        with self._generation_lock:
+            if generation == self._generation:
+                self._cache.put(key, identity, min(expires, now + self._max_cache))
         return identity
 
-    def _verify_uncached(self, chain: tuple[bytes, ...], now: float) -> tuple[CertIdentity, float]:
+    def _forget_identities(self) -> None:
+        with self._generation_lock:
+            self._generation += 1
+            self._cache.clear()
+
+    def _verify_uncached(self, chain: tuple[bytes, ...], now: float, network: bool) -> tuple[CertIdentity, float]:
         try:
             certs = [x509.load_der_x509_certificate(der) for der in chain]
         except Exception as exc:  # ValueError, InvalidVersion…: whatever the bytes, they are no certificate
@@ -150,7 +188,8 @@ class ChainVerifier:
                 continue
             except Exception as exc:  # ValueError, or TypeError on a name the verifier cannot read
                 raise Denied(reasons.CERT_MALFORMED, f"certificate could not be processed: {exc}") from exc
-            revocation_until = check_chain(verified.chain, bundle.crls, now, require=bundle.require_crl)
+            revocation_until = check_chain(verified.chain, bundle.crls, now, require=bundle.require_crl,
+                                           policy=bundle.revocation, online=self.revocation, network=network)
             try:
                 identity = extract_identity(leaf, chain[0], verified.chain, bundle.name)
             except Denied:
@@ -164,4 +203,4 @@ class ChainVerifier:
     def replace_bundles(self, bundles: list[TrustBundle]) -> None:
         """Put new trust bundles in force; identities verified under the old ones are forgotten."""
         self.bundles = bundles
-        self._cache.clear()
+        self._forget_identities()
