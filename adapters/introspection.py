@@ -13,7 +13,12 @@ The answer for anything but a valid token is ``{"active": false}``, and so is
 the answer for a valid token the caller has no business seeing: one for none
 of the client's ``audiences``, or an unbound one where bound tokens are
 required. Validity is judged without leeway, at the moment of answering: the
-resource server compares ``exp`` with its own clock.
+resource server compares ``exp`` with its own clock. A token on pdp's own
+revocation list (by ``jti``, by a revoked ``sub``, or bound by ``cnf.x5t#S256``
+to a revoked certificate: the resource server checks the binding against a
+certificate its own TLS trusts, and only pdp knows of the revocation) is not
+active either, and neither is any token while this replica has yet to read
+that list. A client certificate on that list authenticates no client.
 """
 
 from __future__ import annotations
@@ -151,12 +156,15 @@ def read_form(body: bytes) -> dict[str, str]:
 def introspect(pdp: Pdp, token: str, client: IntrospectionClient, *, leeway: float = 0.0,
                now: float | None = None) -> dict[str, Any]:
     """The RFC 7662 answer to ``client`` for ``token``, judged at ``now`` (by default: this moment)."""
+    at = time.time() if now is None else now
     try:
-        verified = pdp.tokens.verify(token, time.time() if now is None else now, leeway=leeway)
+        verified = pdp.tokens.verify(token, at, leeway=leeway)
     except Denied:
         verified = None
     if verified is not None and not _answerable(verified, client, pdp.settings.require_bound_tokens):
         verified = None
+    if verified is not None and pdp.revocations.token_revocation(verified, at) is not None:
+        verified = None  # on pdp's revocation list, or bound to a certificate on it (or not loaded yet): not active
     return introspection_response(verified)
 
 

@@ -54,6 +54,8 @@ CERT_REVOCATION_UNKNOWN = _r("cert_revocation_unknown", 403,
                              description="the client certificate's revocation status is unknown")
 CERT_SPIFFE_INVALID = _r("cert_spiffe_invalid", 403,
                          description="the client certificate has an invalid SPIFFE ID")
+#: On pdp's own revocation list (``pdp revoke subject ID``): the certificate's SPIFFE ID or the token's ``sub``.
+SUBJECT_REVOKED = _r("subject_revoked", 403, description="this client identity is revoked")
 
 # -- access token (RFC 6750 invalid_token unless said otherwise)
 TOKEN_MALFORMED = _r("token_malformed", 401, "invalid_token", True, "the access token is malformed")
@@ -78,6 +80,8 @@ TOKEN_UNBOUND = _r("token_unbound", 401, "invalid_token", True,
                    "the access token is not bound to the client certificate")
 TOKEN_INACTIVE = _r("token_inactive", 401, "invalid_token", True,
                     "the authorization server says the token is not active")
+#: On pdp's own revocation list (``pdp revoke token JTI``), by its ``jti`` claim.
+TOKEN_REVOKED = _r("token_revoked", 401, "invalid_token", True, "the access token is revoked")
 INTROSPECTION_UNAVAILABLE = _r("introspection_unavailable", 503,
                                description="the authorization server's introspection endpoint is unavailable")
 JWKS_UNAVAILABLE = _r("jwks_unavailable", 503, description="the issuer's keys cannot be fetched")
@@ -121,6 +125,11 @@ del _reason
 def by_code(code: str, default: Reason = POLICY_DENIED) -> Reason:
     """The registered reason for ``code``; unknown policy reasons render like ``default``."""
     return _BY_CODE.get(code, default)
+
+
+def is_known(code: str) -> bool:
+    """Whether ``code`` is one of pdp's reason codes (a policy may answer any text as its reason)."""
+    return code in _BY_CODE
 
 
 def all_reasons() -> tuple[Reason, ...]:

@@ -13,6 +13,17 @@ left and ``load`` how full a bounded store is. A store that
 cannot answer raises ``StoreUnavailable``, which whatever needed it turns into
 a deny.
 
+Named maps (field → bytes) hold what every replica reads as a whole: the
+revocation list and the client-identity inventory. ``map_set`` and
+``map_delete`` change fields (with ``notify=True`` they also advance the map's
+``map_version`` and tell waiting readers), ``map_delete_unchanged`` drops
+fields only where they still hold a given value, ``map_get``, ``map_items`` and
+``map_size`` read, and ``wait_for_change`` blocks a reader until the version
+moves past the one it has, or a timeout: Redis pub/sub between replicas, a
+polled version row between the processes sharing a SQLite file, a condition
+within one process. Maps are bounded by their users, not by the store's
+``max_entries``.
+
 ``MemoryStore`` serves one process; ``SqliteStore`` the worker processes of
 one ``pdp serve --workers N`` (a file in a private folder, nothing to start);
 ``RedisStore`` every replica behind a load balancer. A full store refuses new
@@ -22,15 +33,20 @@ be replayed, forgetting a failure counter would let a guesser go on.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class StoreUnavailable(RuntimeError):
@@ -65,6 +81,36 @@ class Store(Protocol):
     def load(self) -> float | None:
         """The share of the store's capacity in use (0 to 1); None when the store cannot tell."""
 
+    def map_set(self, name: str, items: Mapping[str, bytes], *, notify: bool = False) -> None:
+        """Set fields of the map ``name`` (one step for every other client); ``notify``: advance its version."""
+
+    def map_delete(self, name: str, fields: Sequence[str], *, notify: bool = False) -> int:
+        """Drop fields of the map ``name``; how many were there. ``notify``: advance its version."""
+
+    def map_delete_unchanged(self, name: str, items: Mapping[str, bytes]) -> int:
+        """Drop each field of ``items`` from the map ``name`` only if its value is still the one given (one
+        step for every other client: a value written since stays); how many were dropped."""
+
+    def map_get(self, name: str, fields: Sequence[str]) -> list[bytes | None]:
+        """The values of ``fields`` in the map ``name``, in order (None for a field not there)."""
+
+    def map_items(self, name: str) -> dict[str, bytes]:
+        """Every field of the map ``name`` and its value."""
+
+    def map_size(self, name: str) -> int:
+        """How many fields the map ``name`` has."""
+
+    def map_version(self, name: str) -> int:
+        """A number that changes with every notifying change of the map ``name`` (0 before the first; only
+        equality means anything)."""
+
+    def wait_for_change(self, name: str, seen: int, timeout: float) -> None:
+        """Return once the map's version may differ from ``seen``, or after ``timeout`` seconds at most
+        (also early, now and then: the caller reads the version again). Never raises."""
+
+    def stop_waiting(self, name: str) -> None:
+        """Release what waiting for changes of ``name`` holds (a subscription), if anything."""
+
 
 class MemoryStore:
     """One process's store: expiry times by key, with a heap so expired keys leave as time passes.
@@ -79,6 +125,9 @@ class MemoryStore:
         self._expiries: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._max = max_entries
+        self._maps: dict[str, dict[str, bytes]] = {}
+        self._versions: dict[str, int] = {}
+        self._changed = threading.Condition(self._lock)
 
     def remember(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -149,6 +198,56 @@ class MemoryStore:
             self._expire(time.monotonic())
             return self._size() / self._max
 
+    def map_set(self, name: str, items: Mapping[str, bytes], *, notify: bool = False) -> None:
+        with self._lock:
+            self._maps.setdefault(name, {}).update(items)
+            if notify:
+                self._advance(name)
+
+    def map_delete(self, name: str, fields: Sequence[str], *, notify: bool = False) -> int:
+        with self._lock:
+            kept = self._maps.get(name, {})
+            gone = sum(kept.pop(f, None) is not None for f in fields)
+            if notify:
+                self._advance(name)
+            return gone
+
+    def map_delete_unchanged(self, name: str, items: Mapping[str, bytes]) -> int:
+        with self._lock:
+            kept = self._maps.get(name, {})
+            gone = [f for f, v in items.items() if kept.get(f) == v]
+            for f in gone:
+                del kept[f]
+            return len(gone)
+
+    def map_get(self, name: str, fields: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            kept = self._maps.get(name, {})
+            return [kept.get(f) for f in fields]
+
+    def map_items(self, name: str) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._maps.get(name, {}))
+
+    def map_size(self, name: str) -> int:
+        with self._lock:
+            return len(self._maps.get(name, {}))
+
+    def map_version(self, name: str) -> int:
+        with self._lock:
+            return self._versions.get(name, 0)
+
+    def wait_for_change(self, name: str, seen: int, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._versions.get(name, 0) != seen, timeout)
+
+    def stop_waiting(self, name: str) -> None:
+        pass
+
+    def _advance(self, name: str) -> None:
+        self._versions[name] = self._versions.get(name, 0) + 1
+        self._changed.notify_all()
+
     def _size(self) -> int:
         return len(self._seen) + len(self._counters) + len(self._values)
 
@@ -194,6 +293,21 @@ _SQL = {
     "expires": "SELECT expires FROM @t WHERE key = ?",
     "sweep": "DELETE FROM @t WHERE expires <= ?",
     "rows": "SELECT count(*) FROM @t",
+    # Named maps, and the version each notifying change advances (polled by the other processes).
+    "maps": "CREATE TABLE IF NOT EXISTS @t_maps (name TEXT NOT NULL, field TEXT NOT NULL, value BLOB NOT NULL, "
+            "PRIMARY KEY (name, field)) WITHOUT ROWID",
+    "versions": "CREATE TABLE IF NOT EXISTS @t_versions (name TEXT PRIMARY KEY, version INTEGER NOT NULL) "
+                "WITHOUT ROWID",
+    "map_set": "INSERT INTO @t_maps (name, field, value) VALUES (?, ?, ?) "
+               "ON CONFLICT (name, field) DO UPDATE SET value = excluded.value",
+    "map_delete": "DELETE FROM @t_maps WHERE name = ? AND field = ?",
+    "map_delete_unchanged": "DELETE FROM @t_maps WHERE name = ? AND field = ? AND value = ?",
+    "map_get": "SELECT value FROM @t_maps WHERE name = ? AND field = ?",
+    "map_items": "SELECT field, value FROM @t_maps WHERE name = ?",
+    "map_size": "SELECT count(*) FROM @t_maps WHERE name = ?",
+    "map_version": "SELECT version FROM @t_versions WHERE name = ?",
+    "advance": "INSERT INTO @t_versions (name, version) VALUES (?, 1) "
+               "ON CONFLICT (name) DO UPDATE SET version = version + 1",
 }
 
 
@@ -249,8 +363,8 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")  # the state is worth nothing after a crash
             if create:
-                self._db.execute(self._sql["create"])
-                self._db.execute(self._sql["index"])
+                for statement in ("create", "index", "maps", "versions"):
+                    self._db.execute(self._sql[statement])
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {str(path)!r}: {exc}") from exc
         self._check_files()  # the same files after opening: none was swapped in between
@@ -311,6 +425,86 @@ class SqliteStore:
         with self._lock:
             self._usable()
             return self._rows / self._max
+
+    #: How often ``wait_for_change`` reads the version row: SQLite has no notification between processes.
+    POLL_INTERVAL = 0.25
+
+    def map_set(self, name: str, items: Mapping[str, bytes], *, notify: bool = False) -> None:
+        rows = [(name, f, bytes(v)) for f, v in items.items()]
+
+        def write() -> None:
+            self._db.executemany(self._sql["map_set"], rows)
+            if notify:
+                self._db.execute(self._sql["advance"], (name,))
+
+        self._atomically(write)
+
+    def map_delete(self, name: str, fields: Sequence[str], *, notify: bool = False) -> int:
+        def write() -> int:
+            gone = sum(self._db.execute(self._sql["map_delete"], (name, f)).rowcount for f in fields)
+            if notify:
+                self._db.execute(self._sql["advance"], (name,))
+            return gone
+
+        return self._atomically(write)
+
+    def map_delete_unchanged(self, name: str, items: Mapping[str, bytes]) -> int:
+        def write() -> int:
+            return sum(self._db.execute(self._sql["map_delete_unchanged"], (name, f, bytes(v))).rowcount
+                       for f, v in items.items())
+
+        return self._atomically(write)
+
+    def map_get(self, name: str, fields: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            self._usable()
+            rows = [self._run(self._sql["map_get"], (name, f)).fetchone() for f in fields]
+        return [bytes(r[0]) if r is not None else None for r in rows]
+
+    def map_items(self, name: str) -> dict[str, bytes]:
+        with self._lock:
+            self._usable()
+            return {str(f): bytes(v) for f, v in self._run(self._sql["map_items"], (name,)).fetchall()}
+
+    def map_size(self, name: str) -> int:
+        with self._lock:
+            self._usable()
+            return int(self._run(self._sql["map_size"], (name,)).fetchone()[0])
+
+    def map_version(self, name: str) -> int:
+        with self._lock:
+            self._usable()
+            row = self._run(self._sql["map_version"], (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def wait_for_change(self, name: str, seen: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.POLL_INTERVAL))
+            try:
+                if self.map_version(name) != seen:
+                    return
+            except StoreUnavailable:
+                return
+
+    def stop_waiting(self, name: str) -> None:
+        pass
+
+    def _atomically(self, work: Callable[[], T]) -> T:
+        """``work`` in one write transaction: every other process sees all of it or none."""
+        with self._lock:
+            self._usable()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work()
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+            return result
 
     def close(self) -> None:
         with self._lock:
@@ -382,7 +576,44 @@ class UnavailableStore:
     def load(self) -> float | None:
         return None
 
+    def map_set(self, name: str, items: Mapping[str, bytes], *, notify: bool = False) -> None:
+        raise self._refuse()
 
+    def map_delete(self, name: str, fields: Sequence[str], *, notify: bool = False) -> int:
+        raise self._refuse()
+
+    def map_delete_unchanged(self, name: str, items: Mapping[str, bytes]) -> int:
+        raise self._refuse()
+
+    def map_get(self, name: str, fields: Sequence[str]) -> list[bytes | None]:
+        raise self._refuse()
+
+    def map_items(self, name: str) -> dict[str, bytes]:
+        raise self._refuse()
+
+    def map_size(self, name: str) -> int:
+        raise self._refuse()
+
+    def map_version(self, name: str) -> int:
+        raise self._refuse()
+
+    def wait_for_change(self, name: str, seen: int, timeout: float) -> None:
+        time.sleep(timeout)
+
+    def stop_waiting(self, name: str) -> None:
+        pass
+
+
+#: Drop each field (ARGV odd) whose value is still the one given (ARGV even): compare and delete in one step.
+_DELETE_UNCHANGED = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
 #: Take one count back, never below 0, and never create the key (a plain DECR would, without expiry).
 _UNCOUNT = "local v = redis.call('GET', KEYS[1]) if v and tonumber(v) > 0 then redis.call('DECR', KEYS[1]) end"
 
@@ -401,8 +632,11 @@ class RedisStore:
         self._redis = client or redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._error = redis.RedisError
         self._uncount = self._redis.register_script(_UNCOUNT)
+        self._delete_unchanged = self._redis.register_script(_DELETE_UNCHANGED)
         self.prefix = prefix
         self._load: tuple[float, float | None] = (0.0, None)
+        self._subscriptions: dict[str, Any] = {}
+        self._subscribing = threading.Lock()
 
     def remember(self, key: str, ttl: float) -> bool:
         try:
@@ -466,3 +700,118 @@ class RedisStore:
             value = None
         self._load = (now + self.LOAD_INTERVAL, value)
         return value
+
+    # -- named maps: a hash, a version counter and a pub/sub channel, in one hash slot (Redis Cluster)
+    def _map_key(self, name: str) -> str:
+        return f"{self.prefix}{{{name}}}"
+
+    def map_set(self, name: str, items: Mapping[str, bytes], *, notify: bool = False) -> None:
+        if not items:
+            return
+        key = self._map_key(name)
+        try:
+            pipe = self._redis.pipeline()  # MULTI/EXEC: the fields and the version move together
+            pipe.hset(key, items=[part for pair in items.items() for part in pair])
+            if notify:
+                pipe.set(key + ":version", _new_version())
+                pipe.publish(key + ":changes", b"1")
+            pipe.execute()
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def map_delete(self, name: str, fields: Sequence[str], *, notify: bool = False) -> int:
+        key = self._map_key(name)
+        try:
+            pipe = self._redis.pipeline()
+            if fields:
+                pipe.hdel(key, *fields)
+            if notify:
+                pipe.set(key + ":version", _new_version())
+                pipe.publish(key + ":changes", b"1")
+            results = pipe.execute()
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return int(results[0]) if fields else 0
+
+    def map_delete_unchanged(self, name: str, items: Mapping[str, bytes]) -> int:
+        if not items:
+            return 0
+        try:
+            return int(self._delete_unchanged(keys=[self._map_key(name)],
+                                              args=[part for pair in items.items() for part in pair]))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def map_get(self, name: str, fields: Sequence[str]) -> list[bytes | None]:
+        if not fields:
+            return []
+        try:
+            values = self._redis.hmget(self._map_key(name), list(fields))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return [v if isinstance(v, bytes) else None for v in values]
+
+    def map_items(self, name: str) -> dict[str, bytes]:
+        try:
+            items = self._redis.hgetall(self._map_key(name))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return {(f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f)): v
+                for f, v in items.items() if isinstance(v, bytes)}
+
+    def map_size(self, name: str) -> int:
+        try:
+            return int(self._redis.hlen(self._map_key(name)))
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def map_version(self, name: str) -> int:
+        try:
+            value = self._redis.get(self._map_key(name) + ":version")
+        except self._error as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return int(value) if value else 0
+
+    def wait_for_change(self, name: str, seen: int, timeout: float) -> None:
+        """Wait on the map's pub/sub channel. A fresh subscription returns at once (a change published
+        before it was in place is only seen by reading the version); a broken one is dropped, waited
+        out, and made again on the next call."""
+        deadline = time.monotonic() + timeout
+        with self._subscribing:
+            subscription = self._subscriptions.get(name)
+            try:
+                if subscription is None:
+                    subscription = self._redis.pubsub(ignore_subscribe_messages=True)
+                    self._subscriptions[name] = subscription
+                    subscription.subscribe(self._map_key(name) + ":changes")
+                    return
+                while (left := deadline - time.monotonic()) > 0:
+                    if subscription.get_message(timeout=left) is not None:
+                        return
+                return
+            except (self._error, OSError, ValueError):
+                self._subscriptions.pop(name, None)
+                _close_quietly(subscription)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+
+    def stop_waiting(self, name: str) -> None:
+        with self._subscribing:
+            _close_quietly(self._subscriptions.pop(name, None))
+
+
+def _new_version() -> int:
+    """A version no earlier one of the map is likely to have had: a counter would start again at 1 in a
+    Redis that restarted empty, and the number a reader holds could come round again with other contents."""
+    return secrets.randbits(62) + 1
+
+
+def _close_quietly(subscription: Any) -> None:
+    if subscription is not None:
+        with contextlib.suppress(Exception):  # a connection already gone: nothing left to release
+            subscription.close()
+
+
+def on_the_network(store: Store) -> bool:
+    """Whether an operation on ``store`` waits on another machine (Redis), so that a decision which needs
+    one must not be made on an event loop."""
+    return isinstance(store, RedisStore)

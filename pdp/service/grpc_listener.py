@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -22,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdp.adapters.envoy_grpc import AUTHORIZATION_SERVICE, SERVER_OPTIONS, EnvoyAuthorization, add_to_server
 from pdp.pipeline import Pdp
-from pdp.service.listener_tls import ListenerTls, caller_allowed
+from pdp.service.listener_tls import ListenerTls, caller_refusal
 
 log = logging.getLogger("pdp")
 
@@ -68,11 +69,13 @@ def check_bindable(listener: str, address: str) -> None:
 
 
 class _GatedAuthorization(EnvoyAuthorization):
-    """Admits only the allowed gateway identities, before any decision is made."""
+    """Admits only the allowed gateway identities whose certificates are not on pdp's revocation list
+    (``caller_refusal``, as on the HTTP listener), before any decision is made."""
 
     def __init__(self, pdp: Callable[[], Pdp], allowed: tuple[str, ...]) -> None:
         super().__init__(pdp)
         self._allowed = allowed
+        self._pdp_of = pdp
 
     def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
         pems = context.auth_context().get("x509_pem_cert") or []
@@ -82,8 +85,9 @@ class _GatedAuthorization(EnvoyAuthorization):
                 der = x509.load_pem_x509_certificate(pems[0]).public_bytes(serialization.Encoding.DER)
             except ValueError:
                 der = None
-        if not caller_allowed(self._allowed, der):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this caller may not ask pdp for decisions")
+        refusal = caller_refusal(self._allowed, der, self._pdp_of().revocations, time.time())
+        if refusal is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal[1])
         return super().Check(request, context)
 
 
@@ -96,8 +100,9 @@ class GrpcListener:
             check_bindable("gRPC", address)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdp-grpc"),
                                   options=[("grpc.so_reuseport", 1 if reuse_port else 0), *SERVER_OPTIONS])
-        servicer = _GatedAuthorization(pdp, tls.allowed_callers) if tls and tls.allowed_callers \
-            else EnvoyAuthorization(pdp)
+        # Every caller with a certificate passes the gate (its revocation is checked even without a list).
+        servicer = _GatedAuthorization(pdp, tls.allowed_callers) \
+            if tls and (tls.allowed_callers or tls.client_ca) else EnvoyAuthorization(pdp)
         add_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

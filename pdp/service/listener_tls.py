@@ -2,8 +2,12 @@
 
 Both listeners can require a client certificate from a configured CA and then
 admit only an allowlist of caller identities: SPIFFE IDs (or other URI SANs),
-``dns:NAME`` for DNS SANs. A caller outside the list is refused (HTTP 403,
-gRPC ``PERMISSION_DENIED``) before any decision is made.
+``dns:NAME`` for DNS SANs. A caller outside the list, or whose certificate is
+on pdp's own revocation list (by thumbprint or SPIFFE ID), is refused (HTTP
+403, gRPC ``PERMISSION_DENIED``) before any decision is made: a revoked
+gateway asks for no decision, a revoked trusted proxy is not believed, a
+revoked admin administers nothing. ``caller_refusal`` is that one rule, for
+the HTTP gate, the gRPC gate and the admin endpoints.
 
 uvicorn does not publish the peer certificate to the application, so
 ``tls_protocol`` gives it an HTTP protocol class that adds the ASGI TLS
@@ -15,20 +19,26 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:
+    from pdp.certificates.revocation_list import RevocationList
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: This replica's revocation list as it is now (the service's; looked up at each call).
+Revocations = Callable[[], "RevocationList"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,17 @@ def caller_allowed(allowed: tuple[str, ...], cert_der: bytes | None) -> bool:
         return True
     names = caller_names(cert_der)
     return any(identity_key(a) in names for a in allowed)
+
+
+def caller_refusal(allowed: tuple[str, ...], cert_der: bytes | None, revocations: RevocationList | None,
+                   now: float) -> tuple[str, str] | None:
+    """Why pdp's listener refuses a caller presenting ``cert_der``: ``(code, message)``, or None to admit it.
+    Outside ``allowed`` (empty: anyone), or its certificate on ``revocations`` (``caller_revoked``)."""
+    if not caller_allowed(allowed, cert_der):
+        return "caller_not_allowed", "this caller may not ask pdp for decisions"
+    if revocations is not None and revocations.caller_revocation(cert_der, now) is not None:
+        return "caller_revoked", "this caller's certificate is on pdp's revocation list"
+    return None
 
 
 def uvicorn_ssl_options(tls: ListenerTls) -> dict[str, Any]:
@@ -134,17 +155,18 @@ def _with_tls_scope(app: ASGIApp, der: bytes | None, version: str | None, cipher
     return wrapped
 
 
-def caller_gate(app: ASGIApp, allowed: tuple[str, ...]) -> ASGIApp:
-    """Refuse (403) HTTP requests from callers outside ``allowed``, before the app sees them."""
-    if not allowed:
+def caller_gate(app: ASGIApp, allowed: tuple[str, ...], revocations: Revocations | None = None) -> ASGIApp:
+    """Refuse (403) HTTP requests from callers ``caller_refusal`` refuses, before the app sees them."""
+    if not allowed and revocations is None:
         return app
 
     async def gate(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             tls = scope.get("extensions", {}).get("tls") or {}
-            if not caller_allowed(allowed, tls.get("client_cert_der")):
-                body = json.dumps({"allowed": False, "reason": "caller_not_allowed",
-                                   "message": "this caller may not ask pdp for decisions"}).encode()
+            refusal = caller_refusal(allowed, tls.get("client_cert_der"),
+                                     revocations() if revocations is not None else None, time.time())
+            if refusal is not None:
+                body = json.dumps({"allowed": False, "reason": refusal[0], "message": refusal[1]}).encode()
                 await send({"type": "http.response.start", "status": 403,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(body)).encode())]})
