@@ -18,6 +18,9 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from pdp.credentials.jose import b64url_encode
 from pdp.credentials.jwks import (
+    DISCOVERY_FAILED,
+    FETCH_FAILED,
+    KEY_SET_REFUSED,
     JsonWebKey,
     KeySetError,
     RemoteKeySource,
@@ -494,7 +497,8 @@ def test_discovery_requires_the_issuer_to_match_exactly(issuer_value: str | None
         discovered_jwks_url(ISSUER, server.fetch)()
 
 
-@pytest.mark.parametrize("jwks_uri", [None, 42, "", "file:///etc/passwd", "/relative/keys", "ftp://as.test/keys"])
+@pytest.mark.parametrize("jwks_uri", [None, 42, "", "file:///etc/passwd", "/relative/keys", "ftp://as.test/keys",
+                                      "https://[::1/keys", "https:///keys"])
 def test_discovery_refuses_metadata_without_a_usable_jwks_uri(jwks_uri: Any) -> None:
     server = Server({RFC8414: meta(jwks_uri=jwks_uri), OIDC: meta(jwks_uri=jwks_uri)})
     with pytest.raises(KeySetError, match="jwks_uri"):
@@ -560,3 +564,46 @@ def test_remote_source_with_discovery_refuses_a_foreign_issuer(keys: Keys) -> No
     assert source.current() is None
     assert "https://evil.test/keys" not in server.calls
     assert source.last_error and "discovery failed" in source.last_error
+
+
+# -- RFC 8414 §2: an https issuer's keys come over https
+
+@pytest.mark.parametrize("jwks_uri", ["http://as.test/keys", "http://127.0.0.1:8080/keys", "HTTP://as.test/keys"])
+def test_discovery_of_an_https_issuer_refuses_an_http_jwks_uri_and_fetches_nothing_from_it(keys: Keys,
+                                                                                          jwks_uri: str) -> None:
+    server = Server({RFC8414: meta(jwks_uri=jwks_uri), OIDC: meta(jwks_uri=jwks_uri),
+                     jwks_uri: jwks_bytes(public_jwk(keys.p256, kid="a"))})
+    source = RemoteKeySource(discovered_jwks_url(ISSUER, server.fetch), server.fetch, min_interval=0.0,
+                             max_age=300.0, name=ISSUER)
+    assert source.refresh(1000.0) is False and source.current() is None
+    assert jwks_uri not in server.calls
+    assert source.last_error is not None and "RFC 8414" in source.last_error
+    assert source.public_error == DISCOVERY_FAILED
+
+
+def test_discovery_of_an_http_issuer_may_name_an_http_jwks_uri() -> None:
+    # Only an https issuer's keys are held to https: an http issuer (a loopback test server) has no TLS to lose.
+    issuer = "http://127.0.0.1:8080"
+    server = Server({f"{issuer}/.well-known/oauth-authorization-server": meta(issuer=issuer,
+                                                                               jwks_uri=f"{issuer}/keys")})
+    assert discovered_jwks_url(issuer, server.fetch)() == f"{issuer}/keys"
+
+
+# -- what a failed refresh is called where anyone may read it
+
+def test_a_failed_refresh_is_shown_as_a_fixed_text_and_detailed_in_the_log(keys: Keys, caplog) -> None:
+    internal = "https://10.1.2.3:8443/internal/realm-7/keys"
+    server = Server({RFC8414: meta(jwks_uri=internal)}, failure=None)
+    source = RemoteKeySource(discovered_jwks_url(ISSUER, server.fetch), server.fetch, min_interval=0.0,
+                             max_age=300.0, name=ISSUER)
+    with caplog.at_level(logging.WARNING, logger="pdp.jwks"):
+        assert source.refresh(1000.0) is False  # the discovered URL answers 404
+    assert source.public_error == FETCH_FAILED and internal not in source.public_error
+    assert source.last_error is not None and internal in source.last_error
+    assert internal in caplog.text and FETCH_FAILED in caplog.text
+    server.bodies[internal] = b'{"keys": [{"kty": "oct", "k": "AAAA"}]}'
+    assert source.refresh(1001.0) is False
+    assert source.public_error == KEY_SET_REFUSED and "private" in (source.last_error or "")
+    server.bodies[internal] = jwks_bytes(public_jwk(keys.p256, kid="a"))
+    assert source.refresh(1002.0) is True
+    assert source.public_error is None and source.last_error is None

@@ -98,6 +98,14 @@ def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
+#: The kinds that run pods from a template: pdp's Deployment, Redis's StatefulSet.
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in WORKLOADS]
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -171,7 +179,8 @@ def test_two_hardened_replicas_of_the_dockerfile_image(base: list[dict[str, Any]
     user, group = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M).groups()  # type: ignore[union-attr]
     pod = deployment["spec"]["template"]["spec"]
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (int(user), int(group))
-    for d in of_kind(base, "Deployment"):
+    assert {d["kind"] for d in workloads(base)} == set(WORKLOADS)
+    for d in workloads(base):
         spec = d["spec"]["template"]["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -207,10 +216,10 @@ def test_the_probes_name_pdps_health_routes_on_its_http_port(base: list[dict[str
 
 
 def test_every_service_names_container_ports_of_the_pods_it_selects(base: list[dict[str, Any]]) -> None:
-    deployments = of_kind(base, "Deployment")
+    deployments = workloads(base)
     for service in of_kind(base, "Service"):
         targets = [d for d in deployments if selects(service["spec"]["selector"], pod_labels(d))]
-        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} Deployments"
+        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} workloads"
         for port in service["spec"]["ports"]:
             container_port(targets[0], port["targetPort"])
             assert port.get("appProtocol"), f"{service['metadata']['name']}:{port['name']} has no appProtocol"
@@ -222,7 +231,7 @@ def test_every_service_names_container_ports_of_the_pods_it_selects(base: list[d
 
 
 def test_deployment_selectors_pdb_and_hpa_target_the_pdp_pods(base: list[dict[str, Any]]) -> None:
-    for d in of_kind(base, "Deployment"):
+    for d in workloads(base):
         assert selects(d["spec"]["selector"]["matchLabels"], pod_labels(d)), d["metadata"]["name"]
     deployment = one(base, "Deployment", "pdp")
     pdb = one(base, "PodDisruptionBudget", "pdp")
@@ -238,9 +247,13 @@ def test_deployment_selectors_pdb_and_hpa_target_the_pdp_pods(base: list[dict[st
 
 
 def test_every_mounted_configmap_and_secret_is_defined(base: list[dict[str, Any]]) -> None:
-    for d in of_kind(base, "Deployment"):
+    for d in workloads(base):
         pod = d["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        # A StatefulSet's claims are volumes of its pods too (each pod gets its own PersistentVolumeClaim).
+        claims = {c["metadata"]["name"]: c for c in d["spec"].get("volumeClaimTemplates", [])}
+        assert not set(volumes) & set(claims), f"{d['metadata']['name']}: a volume and a claim of one name"
+        volumes.update({name: {"name": name, "persistentVolumeClaim": claim} for name, claim in claims.items()})
         for c in pod["containers"]:
             for mount in c.get("volumeMounts", []):
                 assert mount["name"] in volumes, f"{d['metadata']['name']} mounts an undeclared {mount['name']}"
@@ -304,7 +317,7 @@ def test_replicas_share_state_through_the_redis_service(base: list[dict[str, Any
     service = one(base, "Service", url.hostname or "")  # a Service of pdp's own namespace
     assert service["metadata"]["namespace"] == one(base, "Deployment", "pdp")["metadata"]["namespace"]
     port = next(p for p in service["spec"]["ports"] if p["port"] == url.port)
-    redis = one(base, "Deployment", "redis")
+    redis = one(base, "StatefulSet", "redis")
     assert selects(service["spec"]["selector"], pod_labels(redis))
     listening = container_port(redis, port["targetPort"])
     args = container(redis, "redis")["args"]
@@ -316,7 +329,36 @@ def test_replicas_share_state_through_the_redis_service(base: list[dict[str, Any
     assert re.fullmatch(r"\d+mb", maxmemory)
     limit = container(redis, "redis")["resources"]["limits"]["memory"]
     assert int(maxmemory[:-2]) * 10**6 < int(limit.removesuffix("Mi")) * 2**20
+    # No RDB snapshots besides the append-only file (checked below).
     assert "--save" in args and args[args.index("--save") + 1] == ""
+
+
+def test_redis_keeps_the_store_on_a_persistent_volume_claim(base: list[dict[str, Any]]) -> None:
+    """The revocation list lives in the store alone: Redis writes an append-only file into its dir, that
+    dir is where the pod's PersistentVolumeClaim is mounted (not an emptyDir, not the image's read-only
+    root), and the claim outlives the StatefulSet. One pod, named by the Service pdp reaches Redis by."""
+    redis = one(base, "StatefulSet", "redis")
+    args = container(redis, "redis")["args"]
+    options = dict(zip(args[1::2], args[2::2], strict=True))
+    assert args[0] == "redis-server" and options["--appendonly"] == "yes"
+    assert options.get("--appendfsync", "everysec") in ("everysec", "always")
+    folder = options["--dir"]
+    (mount,) = [m for m in container(redis, "redis")["volumeMounts"] if m["mountPath"] == folder]
+    assert "subPath" not in mount and not mount.get("readOnly", False)
+    (claim,) = [c for c in redis["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]]
+    assert (claim["apiVersion"], claim["kind"]) == ("v1", "PersistentVolumeClaim")
+    assert "ReadWriteOnce" in claim["spec"]["accessModes"]
+    storage = claim["spec"]["resources"]["requests"]["storage"]
+    assert re.fullmatch(r"\d+Gi", storage) and int(storage[:-2]) * 2**30 > 2 * int(options["--maxmemory"][:-2]) * 10**6
+    assert not [v for v in redis["spec"]["template"]["spec"].get("volumes", []) if v["name"] == mount["name"]]
+    assert redis["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert redis["spec"]["replicas"] == 1  # one Redis writes the file
+    service = one(base, "Service", redis["spec"]["serviceName"])
+    assert selects(service["spec"]["selector"], pod_labels(redis))
+    # The pod's user can write the claim: the volume is given the pod's group.
+    security = redis["spec"]["template"]["spec"]["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"]
+    assert "nothing needs to" not in (BASE / "redis.yaml").read_text()
 
 
 def test_network_policies_admit_the_gateway_and_prometheus_and_let_pdp_reach_redis_dns_and_https(
@@ -333,7 +375,7 @@ def test_network_policies_admit_the_gateway_and_prometheus_and_let_pdp_reach_red
     assert port_of(server["http"]) in {p["port"] for p in prometheus["ports"]}
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == port_of(server["http"])
-    redis = one(base, "Deployment", "redis")
+    redis = one(base, "StatefulSet", "redis")
     egress = policy["spec"]["egress"]
     to_redis = [r for r in egress if any(selects(t.get("podSelector", {}).get("matchLabels", {}), pod_labels(redis))
                                          and "namespaceSelector" not in t for t in r["to"])]

@@ -184,6 +184,16 @@ class StaticKeySource:
 Fetch = Callable[[str], bytes]
 
 
+#: Seconds between two attempts of the refresher to fetch a key set that failed to load, at least.
+RETRY_FLOOR = 1.0
+
+#: What a failed refresh is called where anyone may read it (``/readyz``): fixed texts, since the detail
+#: names internal hosts, ports and paths and the transport's own words; the detail goes to the log.
+DISCOVERY_FAILED = "discovery failed: the issuer's metadata named no key set pdp could use"
+FETCH_FAILED = "the key set could not be fetched"
+KEY_SET_REFUSED = "the key set was refused"
+
+
 class RemoteKeySource:
     """A JWKS fetched from a URL, cached, refreshed at most every ``min_interval`` seconds.
 
@@ -191,6 +201,19 @@ class RemoteKeySource:
     issuer's RFC 8414 / OpenID Connect discovery document). A failed fetch
     keeps the cached key set in force: an unreachable JWKS endpoint does not
     stop tokens signed with known keys from verifying.
+
+    The set is fetched again ``max_age`` seconds after it was last fetched
+    (``due``: the service's refresher wakes at that moment), so a key the issuer
+    removed stops verifying ``max_age`` seconds after the last fetch at the
+    latest, plus the time the fetch takes, provided the fetch succeeds. A token
+    whose ``kid`` is not in the set makes one fetch, at most one per
+    ``min_interval`` for the issuer, whoever asks: a stream of made-up ``kid``
+    values costs the issuer one fetch per ``min_interval`` and keeps a newly
+    published key out for at most ``min_interval`` (every fetch, whoever caused
+    it, brings the newest set, whose keys verify at once).
+
+    After a failed refresh ``last_error`` holds its detail (for the log) and ``public_error`` one of the
+    fixed texts above (for whoever asks ``/readyz``); both are None after a successful one.
     """
 
     def __init__(self, resolve_url: Callable[[], str], fetch: Fetch, *, min_interval: float,
@@ -205,6 +228,7 @@ class RemoteKeySource:
         self._last_attempt = float("-inf")
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        self.public_error: str | None = None
 
     def current(self) -> KeySet | None:
         return self._keys
@@ -215,32 +239,64 @@ class RemoteKeySource:
     def would_fetch(self, now: float) -> bool:
         return now - self._last_attempt >= self._min_interval
 
+    def due(self) -> float:
+        """When the refresher should fetch next (a ``time.time()`` value): when the set in force turns
+        stale and the rate limit allows; with no set in force or after a failed fetch, as soon as the rate
+        limit allows (a failed fetch is tried again ``RETRY_FLOOR`` seconds after it at the soonest)."""
+        if self._keys is None:
+            return self._last_attempt + max(self._min_interval, RETRY_FLOOR)
+        spacing = max(self._min_interval, RETRY_FLOOR) if self.last_error is not None else self._min_interval
+        return max(self._loaded_at + self._max_age, self._last_attempt + spacing)
+
     def refresh(self, now: float) -> bool:
+        """Fetch the set unless one was fetched less than ``min_interval`` ago; True when the set in force
+        changed, by this fetch or by one another caller finished while this one waited for it."""
+        seen = self._keys
         # One fetch at a time; a caller arriving during a fetch waits for it and uses its result.
         with self._lock:
+            if self._keys is not seen:
+                return True
             if now - self._last_attempt < self._min_interval:
                 return False
             self._last_attempt = now
+            # Network, HTTP status, bad metadata or document: keep the cached set.
+            stage = DISCOVERY_FAILED
             try:
-                keys = parse_jwks(self._fetch(self._resolve_url()))
-            except Exception as exc:  # network, HTTP status, bad document: keep the cached set
-                self.last_error = str(exc) or type(exc).__name__
-                log.warning("JWKS refresh for %s failed: %s", self.name, self.last_error)
+                url = self._resolve_url()
+                stage = FETCH_FAILED
+                document = self._fetch(url)
+                stage = KEY_SET_REFUSED
+                keys = parse_jwks(document)
+            except Exception as exc:
+                self.last_error, self.public_error = str(exc) or type(exc).__name__, stage
+                log.warning("JWKS refresh for %s failed (%s): %s", self.name, stage, self.last_error)
                 return False
-            self.last_error = None
-            changed = keys != self._keys
-            self._keys = keys
+            self.last_error = self.public_error = None
             self._loaded_at = now
+            changed = keys != self._keys
+            if changed:  # the same keys keep the same set: tokens it verified stay cached
+                self._keys = keys
             return changed
+
+
+def refresh_wait(sources: list[RemoteKeySource], now: float) -> float:
+    """Seconds the refresher may sleep before a source is due (at least 10 ms: no spinning)."""
+    if not sources:
+        return 3600.0
+    return max(0.01, min(s.due() for s in sources) - now)
 
 
 def discovered_jwks_url(issuer: str, fetch: Fetch) -> Callable[[], str]:
     """A resolver that reads ``jwks_uri`` from the issuer's metadata (RFC 8414, then OpenID Connect).
 
     The metadata's ``issuer`` must equal the configured issuer (RFC 8414 §3.3),
-    so a metadata document cannot redirect pdp to someone else's keys.
+    so a metadata document cannot redirect pdp to someone else's keys; and an
+    https issuer's ``jwks_uri`` must be https too (RFC 8414 §2), or the keys
+    that verify every token would travel in clear text, for anyone on the path
+    to swap. (A configured ``jwks_url`` is used as configured.)
     """
     parts = urllib.parse.urlsplit(issuer)
+    schemes = ("https",) if parts.scheme == "https" else ("https", "http")
     path = parts.path.rstrip("/")
     origin = f"{parts.scheme}://{parts.netloc}"
     candidates = tuple(dict.fromkeys((
@@ -265,8 +321,17 @@ def discovered_jwks_url(issuer: str, fetch: Fetch) -> Callable[[], str]:
                 errors.append(f"{url}: metadata issuer {meta.get('issuer')!r} is not {issuer!r}")
                 continue
             jwks_uri = meta.get("jwks_uri")
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
+            try:
+                target = urllib.parse.urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
+            except ValueError:  # an unclosed IPv6 bracket, say
+                target = None
+            if not isinstance(jwks_uri, str) or target is None or target.scheme not in ("https", "http") \
+                    or not target.hostname:
                 errors.append(f"{url}: no usable jwks_uri")
+                continue
+            if target.scheme not in schemes:
+                errors.append(f"{url}: jwks_uri {jwks_uri!r} is not https, as an https issuer's must be "
+                              "(RFC 8414 §2)")
                 continue
             cached.append(jwks_uri)
             return jwks_uri

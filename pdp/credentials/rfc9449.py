@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import urllib.parse
 from dataclasses import dataclass, field
@@ -42,12 +43,17 @@ from pdp.credentials.rfc9068 import is_numeric_date
 from pdp.errors import Denied
 from pdp.store import Store, StoreUnavailable
 
+log = logging.getLogger("pdp.dpop")
+
 #: jti, htu and the rest are short in practice; a long one only costs memory in the replay store.
 MAX_CLAIM_LENGTH = 512
 DEFAULT_ALGORITHMS = frozenset({"ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA"})
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 #: From this share of the replay store's capacity on, only keys within ``busy_proofs_per_key`` record more.
 BUSY_LOAD = 0.5
+#: What a caller is told when the replay store cannot answer. The store's own error names its address
+#: (a Redis host and port, a file path): that goes to the log only, never into a decision.
+STORE_UNAVAILABLE_TEXT = "the shared store is unavailable"
 
 
 @dataclass(frozen=True)
@@ -258,11 +264,12 @@ def check_proof(proof_header: str | None, *, method: str, uri: str, access_token
         if used > settings.max_proofs_per_key:
             raise _invalid("too many DPoP proofs for this key within the window")
         if used > settings.busy_quota and (store.load() or 0.0) >= BUSY_LOAD:
-            raise StoreUnavailable(f"the replay store is {BUSY_LOAD:.0%} full or more: a key that presented "
-                                   f"more than {settings.busy_quota} proofs within the window waits")
+            raise Denied(reasons.STORE_UNAVAILABLE, f"the replay store is {BUSY_LOAD:.0%} full or more: a key "
+                         f"that presented more than {settings.busy_quota} proofs within the window waits")
         if not store.remember(replay_key, ttl):  # the same proof, checked at the same moment elsewhere
             raise _replayed()
     except StoreUnavailable as exc:
-        raise Denied(reasons.STORE_UNAVAILABLE, str(exc)) from exc
+        log.warning("DPoP replay state cannot be read or written: %s", exc)
+        raise Denied(reasons.STORE_UNAVAILABLE, STORE_UNAVAILABLE_TEXT) from exc
     return DpopProof(jkt=proof.jkt, jti=claims["jti"], htm=claims["htm"], htu=claims["htu"],
                      iat=float(claims["iat"]))

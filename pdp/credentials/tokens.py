@@ -153,15 +153,16 @@ class TokenVerifier:
         except JwsError as exc:
             if exc.kind != JwsError.KEY_UNKNOWN:
                 raise _denial(exc) from exc
-        # Unknown kid: the issuer may have rotated its keys. One refresh (rate-limited), one retry.
-        if self._refresh(issuer, now, network):
-            keyset = issuer.keys.current()
-            if keyset is not None:
-                try:
-                    verify(parsed, keyset, issuer.algorithms)
-                    return keyset
-                except JwsError as exc:
-                    raise _denial(exc) from exc
+        # Unknown kid: the issuer may have rotated its keys. One refresh (rate-limited), one retry, also
+        # when the refresh was not this request's to make but another request's fetch brought a new set.
+        self._refresh(issuer, now, network)
+        fresh = issuer.keys.current()
+        if fresh is not None and fresh is not keyset:
+            try:
+                verify(parsed, fresh, issuer.algorithms)
+                return fresh
+            except JwsError as exc:
+                raise _denial(exc) from exc
         raise Denied(reasons.TOKEN_KEY_UNKNOWN, f"no key of issuer {issuer.issuer!r} matches the token")
 
     def clear_cache(self) -> None:
