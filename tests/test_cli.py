@@ -217,18 +217,13 @@ def _serve_workers(config: Path, port: int, tmpdir: Path) -> subprocess.Popen[by
                             start_new_session=True)
 
 
-def _decisions_by_worker(base: str, scrapes: int = 24) -> set[tuple[float, float]]:
-    """(allows, decisions) as each worker counted them: every worker keeps its own /metrics, and with no
-    request in between, two scrapes that differ came from different workers."""
+def _decisions_by_worker(base: str) -> set[tuple[str, float]]:
+    """(pid, decisions) of each live worker: every scrape reports all workers, each one's share of the
+    decisions in ``pdp_worker_decisions{pid}``."""
     seen = set()
-    for _ in range(scrapes):
-        allows = total = 0.0
-        for line in httpx.get(f"{base}/metrics").text.splitlines():  # a new connection each time
-            if line.startswith("pdp_decisions_total{"):
-                value = float(line.split()[-1])
-                total += value
-                allows += value if 'result="allow"' in line else 0.0
-        seen.add((allows, total))
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("pdp_worker_decisions{"):
+            seen.add((line.split('pid="', 1)[1].split('"', 1)[0], float(line.split()[-1])))
     return seen
 
 
