@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdp.adapters.cert_headers import CertificateHeaders
+from pdp.certificates.inventory import InventoryRecorder
+from pdp.certificates.online_revocation import OnlineRevocation
+from pdp.certificates.revocation import RevocationPolicy
 from pdp.certificates.trust import ChainVerifier, TrustBundle
 from pdp.certificates.trust import load_bundle as load_trust_bundle
 from pdp.config import Config, IssuerConfig
 from pdp.credentials.http_fetch import HttpFetch
 from pdp.credentials.introspection_client import IntrospectionClient
 from pdp.credentials.jwks import KeySet, KeySetError, RemoteKeySource, StaticKeySource, discovered_jwks_url, parse_jwks
-from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier
+from pdp.credentials.opaque import OpaqueIssuer, OpaqueVerifier, StoreFailure
+from pdp.credentials.shared_introspection import SharedAnswers
 from pdp.credentials.tokens import Issuer, TokenVerifier
 from pdp.errors import LoadError
 from pdp.pipeline import DecisionSink, Pdp
@@ -28,6 +32,7 @@ from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle
 from pdp.policy.rego import probe_compile
 from pdp.request_reader import GatewaySettings, RequestReader, UntrustedHeader
 from pdp.service.decision_log import DecisionLog
+from pdp.service.revocation_sync import initial_list
 from pdp.store import MemoryStore, RedisStore, Store
 
 log = logging.getLogger("pdp")
@@ -64,8 +69,23 @@ def policy_files(config: Config) -> list[Path]:
 def load_trust(config: Config) -> list[TrustBundle]:
     return [load_trust_bundle(b.file, b.name, b.trust_domain, f"certificates.trust_bundles[{i}].file",
                               b.intermediates, f"certificates.trust_bundles[{i}].intermediates",
-                              b.crls, f"certificates.trust_bundles[{i}].crls", b.require_crl)
+                              b.crls, f"certificates.trust_bundles[{i}].crls", b.require_crl,
+                              RevocationPolicy(mode=b.revocation, ocsp=b.ocsp,
+                                               crl_distribution_points=b.crl_distribution_points,
+                                               require=b.require_revocation, timeout=b.revocation_timeout,
+                                               max_crl_bytes=b.max_crl_bytes))
             for i, b in enumerate(config.certificates.trust_bundles)]
+
+
+def build_chain_verifier(config: Config, store: Store | None = None) -> ChainVerifier:
+    """The certificate step: the trust bundles, and an HTTP client and the shared ``store`` for OCSP and CRL
+    distribution points (``ChainVerifier.close`` closes the client). One process's ``MemoryStore`` is not
+    used: the answers are kept in process already."""
+    timeout = max((b.revocation_timeout for b in config.certificates.trust_bundles), default=2.0)
+    shared = None if isinstance(store, MemoryStore) else store
+    return ChainVerifier(load_trust(config), max_chain_depth=config.certificates.max_chain_depth,
+                         cache_size=config.certificates.cache_size,
+                         revocation=OnlineRevocation(HttpFetch(timeout), shared))
 
 
 def load_jwks_file(path: Path, key: str) -> KeySet:
@@ -135,8 +155,17 @@ def build_store(config: Config) -> Store:
     return RedisStore(config.store.url, prefix=config.store.prefix, timeout=config.store.timeout)
 
 
-def build_token_verifier(config: Config, keys: KeySources) -> TokenVerifier:
-    """JWT issuers with their key sources, and opaque-token issuers with their introspection clients."""
+def build_token_verifier(config: Config, keys: KeySources, *, store: Store | None = None,
+                         on_store_failure: StoreFailure | None = None) -> TokenVerifier:
+    """JWT issuers with their key sources, and opaque-token issuers with their introspection clients.
+
+    With a ``store`` shared with other processes (not one process's ``MemoryStore``, which the
+    in-process cache already is) and ``store.secret`` to authenticate them, introspection answers are
+    shared through it; without the secret they are not (a store writer could make them up)."""
+    shared = None if isinstance(store, MemoryStore) else store
+    secret = config.store.secret
+    if shared is not None and secret is None and any(i.opaque for i in config.tokens.issuers):
+        log.info("introspection answers are not shared through the store: store.secret is not set")
     jwt_issuers = [
         Issuer(issuer=i.issuer, audiences=frozenset(i.audiences), algorithms=frozenset(i.algorithms),
                keys=keys.by_issuer[i.issuer], accept_plain_jwt=i.accept_plain_jwt,
@@ -151,12 +180,15 @@ def build_token_verifier(config: Config, keys: KeySources) -> TokenVerifier:
                 auth_method=i.introspection_auth, client_secret=i.introspection_client_secret,
                 client_cert=i.introspection_client_cert, client_key=i.introspection_client_key,
                 ca=i.introspection_ca, timeout=i.introspection_timeout),
-            cache_ttl=i.introspection_cache_ttl, negative_ttl=i.introspection_negative_ttl)
+            cache_ttl=i.introspection_cache_ttl, negative_ttl=i.introspection_negative_ttl,
+            endpoint=str(i.introspection_endpoint), client_id=str(i.introspection_client_id))
         for i in config.tokens.issuers if i.opaque
     ]
     return TokenVerifier(jwt_issuers, leeway=config.tokens.leeway, cache_size=config.tokens.cache_size,
                          opaque=OpaqueVerifier(opaque, leeway=config.tokens.leeway,
-                                               cache_size=config.tokens.cache_size))
+                                               cache_size=config.tokens.cache_size, store=shared,
+                                               shared=SharedAnswers(secret) if secret is not None else None,
+                                               on_store_failure=on_store_failure))
 
 
 def build_reader(config: Config, on_untrusted: UntrustedHeader | None = None) -> RequestReader:
@@ -169,21 +201,28 @@ def build_reader(config: Config, on_untrusted: UntrustedHeader | None = None) ->
 
 def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[DecisionSink, ...] = (),
               keys: KeySources | None = None, probe: bool = True, store: Store | None = None,
-              on_untrusted: UntrustedHeader | None = None) -> Pdp:
+              on_untrusted: UntrustedHeader | None = None, on_store_failure: StoreFailure | None = None) -> Pdp:
     keys = keys or build_key_sources(config, fetch)
-    tokens = build_token_verifier(config, keys)
+    store = store or build_store(config)
+    tokens = build_token_verifier(config, keys, store=store, on_store_failure=on_store_failure)
+    inventory = config.inventory
+    recorder = InventoryRecorder(interval=inventory.update_interval, max_remembered=inventory.max_identities) \
+        if inventory.enabled else None
+    certificates = build_chain_verifier(config, store)
     closers = [c.close for c in keys.clients] + [
-        i.introspect.close for i in tokens.opaque_issuers if isinstance(i.introspect, IntrospectionClient)]
+        i.introspect.close for i in tokens.opaque_issuers if isinstance(i.introspect, IntrospectionClient)] + [
+        certificates.close]
     return Pdp(
-        certificates=ChainVerifier(load_trust(config), max_chain_depth=config.certificates.max_chain_depth,
-                                   cache_size=config.certificates.cache_size),
+        certificates=certificates,
         tokens=tokens,
         policy=load_policy(config, probe=probe),
         settings=config.decision,
         decision_log=DecisionLog(config.log.decisions),
         sinks=sinks,
         dpop=config.dpop,
-        store=store or build_store(config),
+        store=store,
         closers=tuple(closers),
         reader=build_reader(config, on_untrusted),
+        revocations=initial_list(store),
+        inventory=recorder,
     )

@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 from pdp.certificates.spiffe import SpiffeIdError, parse_spiffe_id
 from pdp.credentials.rfc9068 import PLAIN_REQUIRED_CLAIMS, PROFILE_REQUIRED_CLAIMS
 from pdp.credentials.rfc9449 import DpopSettings
+from pdp.credentials.shared_introspection import decode_secret
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
 from pdp.policy.engine import ENGINES, REGO_VERSIONS
 from pdp.service.brute_force import LockoutSettings
-from pdp.service.listener_tls import ListenerTls
+from pdp.service.listener_tls import ListenerTls, identity_key
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class ServerConfig:
     grpc_reuse_port: bool = False
     reload_interval: float = 2.0
     max_body_bytes: int = 1024 * 1024
+    #: The admin endpoints (``/admin/revocations``, ``/admin/identities``): only on a mutual-TLS listener
+    #: that admits named callers, and then only to ``admin_callers`` (required: never every gateway).
+    admin: bool = False
+    admin_callers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,13 @@ class TrustBundleConfig:
     intermediates: Path | None = None
     crls: tuple[Path, ...] = ()
     require_crl: bool = False
+    #: "hard": a certificate whose revocation status cannot be had is denied; "soft": allowed, logged, counted.
+    revocation: str = "hard"
+    ocsp: bool = True
+    crl_distribution_points: bool = True
+    require_revocation: bool = False
+    revocation_timeout: float = 2.0
+    max_crl_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,21 @@ class StoreConfig:
     url: str = ""
     prefix: str = "pdp:"
     timeout: float = 0.2
+    #: Authenticates the introspection answers replicas share (``pdp.credentials.shared_introspection``);
+    #: None: with ``url``, answers are not shared. Never shown.
+    secret: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    """The client-identity inventory (``pdp.certificates.inventory``)."""
+
+    enabled: bool = True
+    max_identities: int = 100_000
+    #: Seconds between two last-seen updates of one identity.
+    update_interval: float = 60.0
+    #: Seconds a certificate stays listed after its notAfter.
+    keep_expired: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +199,7 @@ class Config:
     introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     source: Path | None = None
 
     @classmethod
@@ -320,9 +348,32 @@ def _server(t: _Table, base: Path) -> ServerConfig:
         grpc_workers=t.integer("grpc_workers", ServerConfig.grpc_workers, minimum=1),
         reload_interval=t.number("reload_interval", ServerConfig.reload_interval),
         max_body_bytes=t.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=1024),
+        admin=t.flag("admin", ServerConfig.admin),
+        admin_callers=t.strings("admin_callers"),
     )
+    _check_admin(t, cfg)
     t.done()
     return cfg
+
+
+def _check_admin(t: _Table, cfg: ServerConfig) -> None:
+    """The admin endpoints change what every replica enforces: never on a listener anyone can reach."""
+    if cfg.admin_callers and not cfg.admin:
+        raise ConfigError(t.key("admin_callers"), "needs admin = true")
+    if not cfg.admin:
+        return
+    if cfg.tls is None or cfg.tls.client_ca is None or not cfg.tls.allowed_callers:
+        raise ConfigError(t.key("admin"), "needs a mutual-TLS listener that admits named callers "
+                                          "(server.tls with client_ca and allowed_callers)")
+    if not cfg.admin_callers:
+        # Every caller allowed to ask for decisions (each gateway) would be an admin, able to revoke and unrevoke.
+        raise ConfigError(t.key("admin_callers"), "must name the admin callers when admin = true (the gateways "
+                                                  "in server.tls.allowed_callers are not all admins)")
+    allowed = {identity_key(a) for a in cfg.tls.allowed_callers}
+    outside = [c for c in cfg.admin_callers if identity_key(c) not in allowed]
+    if outside:
+        raise ConfigError(t.key("admin_callers"), f"{outside[0]!r} is not in server.tls.allowed_callers, "
+                                                  "so the listener refuses it before any endpoint")
 
 
 def _policy(t: _Table, base: Path) -> PolicyConfig:
@@ -368,10 +419,20 @@ def _certificates(t: _Table, base: Path) -> CertificatesConfig:
         require_crl = b.flag("require_crl", False)
         if require_crl and not crls:
             raise ConfigError(b.key("crls"), "is required with require_crl = true")
+        mode = b.text("revocation", TrustBundleConfig.revocation) or TrustBundleConfig.revocation
+        if mode not in ("hard", "soft"):
+            raise ConfigError(b.key("revocation"), "must be one of hard, soft")
+        d = TrustBundleConfig
+        bundle = TrustBundleConfig(
+            name=name, file=_path(base, file), trust_domain=domain,
+            intermediates=_path(base, intermediates) if intermediates else None, crls=crls, require_crl=require_crl,
+            revocation=mode, ocsp=b.flag("ocsp", d.ocsp),
+            crl_distribution_points=b.flag("crl_distribution_points", d.crl_distribution_points),
+            require_revocation=b.flag("require_revocation", d.require_revocation),
+            revocation_timeout=b.number("revocation_timeout", d.revocation_timeout, minimum=0.001),
+            max_crl_bytes=b.integer("max_crl_bytes", d.max_crl_bytes, minimum=1024))
         b.done()
-        bundles.append(TrustBundleConfig(name=name, file=_path(base, file), trust_domain=domain,
-                                         intermediates=_path(base, intermediates) if intermediates else None,
-                                         crls=crls, require_crl=require_crl))
+        bundles.append(bundle)
     cfg = CertificatesConfig(
         trust_bundles=tuple(bundles),
         max_chain_depth=t.integer("max_chain_depth", CertificatesConfig.max_chain_depth, minimum=1),
@@ -513,8 +574,14 @@ def _gateway(t: _Table) -> GatewayConfig:
 
     d = GatewayConfig()
     prefix = t.text("ext_authz_prefix", d.ext_authz_prefix) or d.ext_authz_prefix
-    if not prefix.startswith("/") or prefix.endswith("/") or prefix in ("/v1", "/healthz", "/readyz", "/metrics"):
+    if not prefix.startswith("/") or prefix.endswith("/"):
         raise ConfigError(t.key("ext_authz_prefix"), "must be a path like /ext_authz (no trailing slash)")
+    # pdp's own endpoints: a prefix at or under one would send a gateway's checks there (or shadow it).
+    reserved = ("/v1", "/healthz", "/readyz", "/metrics", "/admin", "/oauth2", "/.well-known")
+    taken = next((r for r in reserved if prefix.lower() == r or prefix.lower().startswith(r + "/")), None)
+    if taken is not None:
+        raise ConfigError(t.key("ext_authz_prefix"), f"must not be {taken} or under it: pdp serves its own "
+                                                     "endpoints there")
     forwarded = t.text("forwarded_request", d.forwarded_request) or d.forwarded_request
     if forwarded not in ("envoy", "nginx", "traefik"):
         raise ConfigError(t.key("forwarded_request"), "must be envoy, nginx or traefik")
@@ -627,8 +694,25 @@ def _store(t: _Table) -> StoreConfig:
     t.used.add("url")
     if not isinstance(url, str) or (url and not url.startswith(("redis://", "rediss://", "unix://"))):
         raise ConfigError(t.key("url"), "must be \"\" (in memory) or a redis://, rediss:// or unix:// URL")
+    text = t.text("secret")
+    try:
+        secret = decode_secret(text) if text is not None else None
+    except ValueError as exc:
+        raise ConfigError(t.key("secret"), str(exc)) from None
     cfg = StoreConfig(url=url, prefix=t.text("prefix", "pdp:") or "pdp:",
-                      timeout=t.number("timeout", 0.2, minimum=0.01))
+                      timeout=t.number("timeout", 0.2, minimum=0.01), secret=secret)
+    t.done()
+    return cfg
+
+
+def _inventory(t: _Table) -> InventoryConfig:
+    d = InventoryConfig()
+    cfg = InventoryConfig(
+        enabled=t.flag("enabled", d.enabled),
+        max_identities=t.integer("max_identities", d.max_identities, minimum=1),
+        update_interval=t.number("update_interval", d.update_interval, minimum=1),
+        keep_expired=t.number("keep_expired", d.keep_expired),
+    )
     t.done()
     return cfg
 
@@ -656,6 +740,7 @@ def parse_config(data: Mapping[str, Any], base: Path, source: Path | None = None
         introspection=_introspection(root.table("introspection"), tokens),
         store=_store(root.table("store")),
         log=_log(root.table("log")),
+        inventory=_inventory(root.table("inventory")),
         source=source,
     )
     root.done()

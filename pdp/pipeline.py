@@ -1,7 +1,7 @@
 """``Pdp.decide()``: one request in, one decision out, in five visible steps.
 
-1. identity    the client certificate chain → a verified ``CertIdentity``
-2. credential  the ``Authorization: Bearer`` token → a ``VerifiedToken``
+1. identity    the client certificate chain → a verified ``CertIdentity``, not on pdp's revocation list
+2. credential  the ``Authorization: Bearer`` token → a ``VerifiedToken``, not on pdp's revocation list
 3. binding     RFC 8705: the token's ``cnf.x5t#S256`` against the certificate
 4. policy      the Rego policy on the request plus all of the above
 5. decision    allow/deny, status, headers, challenge, explanation
@@ -25,6 +25,8 @@ from typing import Any
 
 from pdp import reasons
 from pdp.certificates.identity import CertIdentity
+from pdp.certificates.inventory import InventoryRecorder
+from pdp.certificates.revocation_list import RevocationList
 from pdp.certificates.trust import ChainVerifier
 from pdp.credentials.rfc6750 import challenge
 from pdp.credentials.rfc8705 import BINDING_METHOD, check_binding
@@ -39,7 +41,7 @@ from pdp.reasons import Reason
 from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, RequestReader
 from pdp.service.decision_log import DecisionLog
-from pdp.store import MemoryStore, Store
+from pdp.store import MemoryStore, Store, on_the_network
 
 log = logging.getLogger("pdp")
 
@@ -111,7 +113,8 @@ class Pdp:
                  settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
                  sinks: tuple[DecisionSink, ...] = (), dpop: DpopSettings | None = None,
                  store: Store | None = None, closers: tuple[Callable[[], None], ...] = (),
-                 reader: RequestReader | None = None) -> None:
+                 reader: RequestReader | None = None, revocations: RevocationList | None = None,
+                 inventory: InventoryRecorder | None = None) -> None:
         self.certificates = certificates
         self.tokens = tokens
         self.policy = policy
@@ -122,6 +125,10 @@ class Pdp:
         self.decision_log = decision_log or DecisionLog()
         self.sinks = sinks
         self.reader = reader or RequestReader()
+        #: pdp's own revocation list (this replica's copy; ``pdp.service.revocation_sync`` keeps it current).
+        self.revocations = revocations if revocations is not None else RevocationList()
+        #: Where verified client identities are queued for the inventory, if it is kept.
+        self.inventory = inventory
         self._closers = closers
 
     def close(self) -> None:
@@ -140,7 +147,7 @@ class Pdp:
             self._check_request(request)
             trace.identity = self._identity(request, trace, network)
             trace.token = self._credential(request, trace, network)
-            binding = self._binding(request, trace)
+            binding = self._binding(request, trace, network)
             outcome = self._policy(policy, request, trace, binding)
             decision = self._decision(decision_id, request, outcome, trace)
         except NeedsNetwork:
@@ -224,6 +231,9 @@ class Pdp:
             trace.ok("identity", "no client certificate")
             return None
         identity = self.certificates.verify(request.client_cert_chain, request.time, network=network)
+        if self.inventory is not None:
+            self.inventory.seen(identity, request.time)  # revoked or not: a client that tried is a client
+        self.revocations.check_identity(identity, request.time)
         trace.ok("identity", f"{identity.spiffe_id or identity.subject} via {identity.trust_bundle} "
                              f"(x5t#S256 {identity.thumbprint})")
         return identity
@@ -245,11 +255,12 @@ class Pdp:
             raise Denied(reasons.TOKEN_MALFORMED, f"the {scheme} credential is not a token68 value")
         trace.raw_token = match.group(1)
         token = self.tokens.verify(trace.raw_token, request.time, network=network)
+        self.revocations.check_token(token, request.time)
         trace.ok("credential", f"{token.alg} token of {token.issuer} for {token.claims.get('sub')!r}")
         return token
 
     # -- 3. binding
-    def _binding(self, request: CheckRequest, trace: _Trace) -> dict[str, Any]:
+    def _binding(self, request: CheckRequest, trace: _Trace, network: bool) -> dict[str, Any]:
         identity, token = trace.identity, trace.token
         if token is None:
             trace.ok("binding", "no token to bind")
@@ -260,6 +271,9 @@ class Pdp:
             trace.ok("binding", "token bound to the client certificate (RFC 8705 x5t#S256)")
             binding = {"method": BINDING_METHOD, "bound": True}
         if trace.dpop:
+            if not network and on_the_network(self.store):
+                # The proof's jti goes to a store on another machine: a wait that must not hold an event loop.
+                raise NeedsNetwork("store")
             proof = check_proof(
                 request.headers.get("dpop"), method=request.method,
                 uri=request_uri(request.scheme, request.host, request.path), access_token=trace.raw_token,
@@ -442,7 +456,7 @@ def _step_of(reason: Reason) -> str:
     code = reason.code
     if code.startswith(("binding_", "dpop_")) or code == reasons.TOKEN_UNBOUND.code:
         return "binding"
-    if code.startswith("cert_"):
+    if code.startswith("cert_") or code == reasons.SUBJECT_REVOKED.code:
         return "identity"
     if code.startswith(("token_", "jwks_")):
         return "credential"

@@ -53,14 +53,16 @@ def full_config(tmp: Path) -> dict[str, Any]:
         (tmp / name).write_text("not read by the loader\n")
     return {
         "server": {"http": "127.0.0.1:18181", "grpc": "", "grpc_workers": 2, "reload_interval": 0,
-                   "max_body_bytes": 2048,
+                   "max_body_bytes": 2048, "admin": True, "admin_callers": ["spiffe://example.org/gateway"],
                    "tls": {"cert": "listener.pem", "key": "listener.key", "client_ca": "callers.pem",
                            "allowed_callers": ["spiffe://example.org/gateway"]}},
         "policy": {"engine": "regorus", "paths": ["policy"], "data": ["extra.json"], "decision": "pdp/authz/allow",
                    "decision_cache_size": 0, "divergence": "warn", "rego_version": "v0"},
         "certificates": {"max_chain_depth": 2, "cache_size": 0, "trust_bundles": [
             {"file": "ca.pem", "name": "example", "trust_domain": "example.org", "intermediates": "inter.pem",
-             "crls": ["inter.crl"], "require_crl": True}]},
+             "crls": ["inter.crl"], "require_crl": True, "revocation": "soft", "ocsp": False,
+             "crl_distribution_points": False, "require_revocation": True, "revocation_timeout": 1.5,
+             "max_crl_bytes": 65536}]},
         "tokens": {"leeway": 5, "cache_size": 0, "require_bound": True, "issuers": [
             {"issuer": "https://a.example", "audiences": ["https://api.example"], "algorithms": ["ES256"],
              "jwks_file": "jwks.json", "accept_plain_jwt": True, "required_claims": ["sub"], "jwks_timeout": 1,
@@ -94,8 +96,9 @@ def full_config(tmp: Path) -> dict[str, Any]:
                         {"client_id": "d", "tls_client_auth_san_uri": "spiffe://example.org/d"},
                         {"client_id": "e", "tls_client_auth_san_ip": "10.0.0.1"},
                         {"client_id": "f", "tls_client_auth_san_email": "f@example.org"}]},
-        "store": {"url": "redis://127.0.0.1:6379/15", "prefix": "test:", "timeout": 0.5},
+        "store": {"url": "redis://127.0.0.1:6379/15", "prefix": "test:", "timeout": 0.5, "secret": "ab" * 32},
         "log": {"level": "debug", "decisions": False},
+        "inventory": {"enabled": False, "max_identities": 10, "update_interval": 5, "keep_expired": 0},
     }
 
 
@@ -182,7 +185,7 @@ def _defaults(base: Path) -> dict[str, Any]:
         "tokens": plain.tokens, "decision": plain.decision, "decision.upstream_headers": plain.decision.upstream,
         "gateway": plain.gateway, "dpop": plain.dpop, "introspection": plain.introspection,
         "introspection.clients": cfg.introspection.clients[0], "introspection.lockout": plain.introspection.lockout,
-        "store": plain.store, "log": plain.log, "tokens.issuers": (jwt, opaque),
+        "store": plain.store, "log": plain.log, "inventory": plain.inventory, "tokens.issuers": (jwt, opaque),
     }
 
 

@@ -44,18 +44,22 @@ from pdp.assemble import (
 )
 from pdp.certificates.identity import CertIdentity
 from pdp.config import Config
-from pdp.credentials.jwks import StaticKeySource
+from pdp.credentials.jwks import RemoteKeySource, StaticKeySource, refresh_wait
 from pdp.decision import Decision
 from pdp.errors import Denied, NeedsNetwork
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, Via
+from pdp.service.admin import Admin
 from pdp.service.brute_force import FailureLimiter
 from pdp.service.decision_log import setup_logging
 from pdp.service.grpc_listener import GrpcListener, ListenError
+from pdp.service.inventory_flusher import InventoryFlusher
 from pdp.service.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
 from pdp.service.metrics import CONTENT_TYPE, Metrics
 from pdp.service.reloader import Reloader, Watched
+from pdp.service.revocation_sync import RevocationSync
+from pdp.service.store_health import StoreHealth
 from pdp.store import MemoryStore, SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("pdp")
@@ -71,7 +75,8 @@ class Service:
         self.metrics = Metrics()
         self.keys = build_key_sources(config, fetch)
         self.pdp: Pdp = build_pdp(config, keys=self.keys, sinks=(self.metrics.observe,),
-                                  on_untrusted=self._untrusted_header, store=store)
+                                  on_untrusted=self._untrusted_header, store=store,
+                                  on_store_failure=self.metrics.introspection_store_failed)
         # Failed introspection secrets are counted in the shared store; kept in this process, they get a
         # store of their own, so a flood of failures cannot fill the DPoP replay store (nor the reverse).
         lockout = config.introspection.lockout
@@ -79,9 +84,15 @@ class Service:
             lockout, MemoryStore(lockout.max_tracked) if isinstance(self.pdp.store, MemoryStore) else self.pdp.store,
             on_lockout=lambda scope: self.metrics.introspection_lockouts.labels(scope).inc())
         self.metrics.set_policy(self.pdp.policy.version, config.policy.engine)
+        self.store_health = StoreHealth(self.pdp.store, on_probe=self.metrics.store_probed)
         self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
+        self.revocation_sync = RevocationSync(self.pdp.store, self.pdp.revocations)
+        self.inventory = InventoryFlusher(
+            self.pdp.store, self.pdp.inventory, max_identities=config.inventory.max_identities,
+            keep_expired=config.inventory.keep_expired) if self.pdp.inventory is not None else None
         self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
+        self._refreshers: list[threading.Thread] = []
+        self._metrics_sync: threading.Thread | None = None
         self._closed = False
         self.grpc: GrpcListener | None = None
 
@@ -118,13 +129,25 @@ class Service:
         self.metrics.reloads.labels(part.split(":")[0], "ok" if ok else "failed").inc()
 
     def refresh_keys(self) -> None:
-        """One pass of the key refresher: fetch every remote key set that is missing or stale."""
-        now = time.time()
+        """One pass over every remote key set: fetch each that is missing or stale."""
         for source in self.keys.remote():
-            if source.stale(now) and source.would_fetch(now):
-                source.refresh(now)
-                if source.last_error is not None:
-                    self.metrics.jwks_refresh_failures.labels(source.name).inc()
+            self._refresh_source(source)
+
+    def _refresh_source(self, source: RemoteKeySource) -> None:
+        now = time.time()
+        if source.stale(now) and source.would_fetch(now):
+            source.refresh(now)
+            if source.last_error is not None:
+                self.metrics.jwks_refresh_failures.labels(source.name).inc()
+
+    def sync_metrics(self) -> None:
+        """Bring the metrics kept as running totals elsewhere (revocation fetches, the inventory, the
+        revocation list) into the registry: at each scrape, and every few seconds, so that under
+        ``--workers`` every worker's share is current whichever worker is scraped."""
+        self.metrics.sync_revocation(self.pdp.certificates.revocation.stats.snapshot())
+        self.metrics.set_revocation_list(len(self.pdp.revocations), self.revocation_sync.reachable)
+        if self.inventory is not None:
+            self.metrics.set_inventory(self.inventory.expiry_counts(), self.inventory.dropped)
 
     def reload_now(self) -> None:
         """Re-read every policy, trust-bundle and JWKS file at once, changed or not (``SIGHUP``). Safe to
@@ -140,15 +163,38 @@ class Service:
                                      reuse_port=self.config.server.grpc_reuse_port)
             self.grpc.start()
         self.reloader.start()
-        if self.keys.remote() and self._refresher is None:
-            def loop() -> None:
+        self.pdp.certificates.start()  # renews OCSP answers and fetched CRLs before they go stale
+        self.revocation_sync.start()
+        if self.inventory is not None:
+            self.inventory.start()
+        if self._metrics_sync is None:
+            def sync() -> None:
+                while not self._stop.wait(5.0):
+                    try:
+                        self.sync_metrics()
+                    except Exception:  # a metric is never worth a dead thread
+                        log.exception("updating metrics failed")
+
+            self._metrics_sync = threading.Thread(target=sync, name="pdp-metrics", daemon=True)
+            self._metrics_sync.start()
+        if not self._refreshers:
+            # One refresher per issuer: an issuer whose endpoint never answers holds up its own fetches
+            # (each up to its jwks_timeout), never another issuer's.
+            def loop(source: RemoteKeySource) -> None:
                 while True:
-                    self.refresh_keys()
-                    if self._stop.wait(5.0):
+                    try:
+                        self._refresh_source(source)
+                    except Exception:  # this issuer's keys are never worth a dead refresher
+                        log.exception("refreshing the key set of %s failed", source.name)
+                    # Awake when the set is due, not later: a removed key stops verifying within
+                    # jwks_refresh_interval of the last fetch (plus the fetch itself).
+                    if self._stop.wait(refresh_wait([source], time.time())):
                         return
 
-            self._refresher = threading.Thread(target=loop, name="pdp-jwks", daemon=True)
-            self._refresher.start()
+            self._refreshers = [threading.Thread(target=loop, args=(source,), name=f"pdp-jwks-{i}", daemon=True)
+                                for i, source in enumerate(self.keys.remote())]
+            for thread in self._refreshers:
+                thread.start()
 
     def stop(self) -> None:
         if self.grpc is not None:
@@ -156,25 +202,39 @@ class Service:
             self.grpc = None
         self._stop.set()
         self.reloader.stop()
-        if self._refresher is not None:
-            self._refresher.join(timeout=5)
-            self._refresher = None
+        self.pdp.certificates.stop()
+        self.revocation_sync.stop()
+        if self.inventory is not None:
+            self.inventory.stop()
+        # Five seconds for them all, however many issuers wait on a fetch (the threads are daemons).
+        deadline = time.monotonic() + 5
+        for thread in (*self._refreshers, self._metrics_sync):
+            if thread is not None:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._refreshers, self._metrics_sync = [], None
         if not self._closed:
             self._closed = True
             self.pdp.close()
 
     def readiness(self) -> dict[str, Any]:
         pdp = self.pdp
+        # Anyone may ask: a fixed text for a failed fetch (the detail, with the URL, is in the log).
         jwks = {name: {"keys": len(ks) if (ks := s.current()) is not None else None,
-                       "error": getattr(s, "last_error", None)}
+                       "error": getattr(s, "public_error", None)}
                 for name, s in self.keys.by_issuer.items()}
+        # The store is probed at most once a second, however often this is asked (a blocking read: from a
+        # worker thread, as readyz calls it).
+        store = self.store_health.state()
         return {
             "ready": pdp.policy is not None and len(pdp.certificates.bundles)
-            == len(self.config.certificates.trust_bundles),
+            == len(self.config.certificates.trust_bundles) and store.ok and self.revocation_sync.ready,
+            "store": store.as_dict(),
             "policy_version": pdp.policy.version,
             "engine": self.config.policy.engine,
             "trust_bundles": [b.name for b in pdp.certificates.bundles],
             "issuers": jwks,
+            "revocations": self.revocation_sync.status(),
+            "identities": self.inventory.count() if self.inventory is not None else None,
         }
 
     # -- HTTP
@@ -230,16 +290,20 @@ class Service:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        state = self.readiness()
+        state = await run_in_threadpool(self.readiness)
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        await run_in_threadpool(self.store_health.state)  # pdp_store_up as of this scrape (at most 1 s old)
+        await run_in_threadpool(self.sync_metrics)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     def asgi_app(self) -> Any:
-        """The HTTP application as served: the routes, behind the caller gate when TLS names callers."""
+        """The HTTP application as served: the routes, behind the caller gate on a TLS listener (callers
+        outside ``allowed_callers``, or whose certificate is on pdp's revocation list, are refused)."""
         tls = self.config.server.tls
-        return caller_gate(self.app(), tls.allowed_callers) if tls is not None else self.app()
+        return caller_gate(self.app(), tls.allowed_callers, lambda: self.pdp.revocations) if tls is not None \
+            else self.app()
 
     def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
         """The uvicorn settings for this service's HTTP listener (TLS, the TLS scope extension, the gate)."""
@@ -293,7 +357,8 @@ class Service:
 
     def _caller_identity(self, request: Request, now: float) -> CertIdentity | None:
         """The caller's verified certificate: from pdp's mutual-TLS listener or a trusted proxy's header,
-        read by the one reader, as on every other entry point."""
+        read by the one reader, as on every other entry point, and refused when it is on pdp's own
+        revocation list (by thumbprint or SPIFFE ID), as every decision refuses it."""
         tls = request.scope.get("extensions", {}).get("tls") or {}
         raw = scope_to_raw(request.scope, via=Via.DIRECT, now=now, caller_names=caller_names(
             tls.get("client_cert_der")))
@@ -303,7 +368,9 @@ class Service:
                 raise Denied(reasons.CERT_MALFORMED, read.client_cert_error)
             if not read.client_cert_chain:
                 return None
-            return self.pdp.certificates.verify(read.client_cert_chain, now)
+            identity = self.pdp.certificates.verify(read.client_cert_chain, now)
+            self.pdp.revocations.check_identity(identity, now)
+            return identity
         except Denied as exc:
             raise introspection.ClientAuthError(f"client certificate refused: {exc.reason.code}") from exc
 
@@ -325,6 +392,9 @@ class Service:
         if self.config.introspection.enabled:
             extra = [Route("/oauth2/introspect", self.introspection, methods=["POST"]),
                      Route("/.well-known/oauth-authorization-server", self.oauth_metadata, methods=["GET"])]
+        if self.config.server.admin:  # only on a mutual-TLS listener with named callers (the loader checks)
+            extra += Admin(self.pdp.store, self.revocation_sync, self.config.server.tls,
+                           self.config.server.admin_callers).routes()
         return Starlette(
             routes=[
                 *extra,
@@ -396,8 +466,12 @@ def worker_app() -> Any:
     # One nonce secret for all workers, drawn by the parent unless configured: a DPoP nonce issued by one
     # worker is good at every other. Without store.url, the parent's SQLite file is the shared store: the
     # very file the parent made (never a new one, should it be gone), with the DPoP replay state and the
-    # lock-out counters in tables of their own, so neither can fill the other's.
+    # lock-out counters in tables of their own, so neither can fill the other's; the introspection answers
+    # shared there are authenticated with the store secret the parent handed over (drawn unless configured).
     dpop = dataclasses.replace(config.dpop, nonce_secret=bytes.fromhex(spec["nonce_secret"]))
+    if spec.get("store_secret"):
+        config = dataclasses.replace(config, store=dataclasses.replace(
+            config.store, secret=bytes.fromhex(spec["store_secret"])))
     store: Store | None = None
     lockout_store: Store | None = None
     if spec.get("store"):
