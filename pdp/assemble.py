@@ -28,7 +28,7 @@ from pdp.credentials.tokens import Issuer, TokenVerifier
 from pdp.errors import LoadError
 from pdp.pipeline import DecisionSink, Pdp
 from pdp.policy import callcheck, divergence, rego_ast
-from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle
+from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle, tree_files
 from pdp.policy.rego import probe_compile
 from pdp.request_reader import GatewaySettings, RequestReader, UntrustedHeader
 from pdp.service.decision_log import DecisionLog
@@ -60,7 +60,7 @@ def policy_files(config: Config) -> list[Path]:
     files: list[Path] = list(config.policy.data)
     for root in config.policy.paths:
         if root.is_dir():
-            files += [f for f in root.rglob("*") if f.suffix in (".rego", ".json")]
+            files += [f for f in tree_files(root) if f.suffix in (".rego", ".json")]
         else:
             files.append(root)
     return sorted(files)

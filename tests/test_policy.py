@@ -414,3 +414,24 @@ def test_an_evaluation_error_carries_no_rust_backtrace() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_policy_folder_mounted_from_a_configmap_loads_each_file_once(tmp_path):
+    """The kubelet mounts a ConfigMap as a hidden timestamped folder and links to its files: loading the
+    folder must see each module and data file once (and no hidden file at all)."""
+    import os
+
+    from pdp.policy.engine import load_bundle
+
+    mount = tmp_path / "policy"
+    stamped = mount / "..2026_12_01_10_00_00.000000001"
+    stamped.mkdir(parents=True)
+    (stamped / "authz.rego").write_text("package pdp.authz\n\nallow := input.path == data.pdp.config.open\n")
+    (stamped / "data.json").write_text('{"pdp": {"config": {"open": "/healthz"}}}')
+    os.symlink(stamped.name, mount / "..data")
+    for name in ("authz.rego", "data.json"):
+        os.symlink(f"..data/{name}", mount / name)
+    (mount / ".authz.rego.swp").write_text("not rego")
+    bundle = load_bundle((mount,), entrypoint="pdp/authz/allow", engine="regorus")
+    assert [Path(name).name for name, _ in bundle.modules] == ["authz.rego"]
+    assert bundle.data == {"pdp": {"config": {"open": "/healthz"}}}

@@ -91,6 +91,15 @@ def _origin_of(origin: dict[str, str], dotted: str) -> str:
     return origin.get(dotted, "another document")
 
 
+def tree_files(root: Path) -> list[Path]:
+    """The files under the folder ``root``, sorted, leaving out hidden entries (a name that starts with
+    '.') and what lies under them: a ConfigMap mounted by the kubelet holds every file twice, once under
+    a hidden timestamped folder (``..2026_12_01_…``) and once as a link to it, and an editor's or a
+    version control's hidden files are no part of a policy."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str = "policy.paths",
                 data_files: Iterable[Path] = (), include_tests: bool = False,
                 rego_version: str = "v1") -> PolicyBundle:
@@ -108,7 +117,7 @@ def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str
         if root.is_file():
             files = [root]
         elif root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file())
+            files = tree_files(root)
         else:
             raise LoadError(key, f"{str(root)!r} does not exist")
         for f in files:
