@@ -20,6 +20,7 @@ from pdp.bench import floors
 from pdp.bench.workload import Workload
 from pdp.pipeline import Pdp
 from pdp.request import CheckRequest
+from pdp.service.decision_log import DecisionStream
 
 #: No single measurement loop runs longer than this (wall time), whatever its count.
 MAX_LOOP_SECONDS = 20.0
@@ -50,9 +51,7 @@ def decision_lines_to_null() -> Iterator[None]:
     logger = logging.getLogger("pdp.decisions")
     saved = (list(logger.handlers), logger.level, logger.propagate)
     with open(os.devnull, "w") as null:
-        handler = logging.StreamHandler(null)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.handlers = [handler]
+        logger.handlers = [DecisionStream(null)]  # the handler pdp serve writes its lines with
         logger.setLevel(logging.INFO)
         logger.propagate = False
         try:
