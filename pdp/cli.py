@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pdp.config import Config
     from pdp.credentials.jws import ParsedJws
     from pdp.credentials.tokens import Issuer
+    from pdp.service.grpc_listener import ListenError
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
@@ -80,8 +81,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from pdp.service.workers import serve_workers
 
-        return serve_workers(config, args.config, host.strip("[]"), int(port), scheme, workers=args.workers,
-                             log_level=args.log_level or config.log.level)
+        try:
+            return serve_workers(config, args.config, host.strip("[]"), int(port), scheme, workers=args.workers,
+                                 log_level=args.log_level or config.log.level)
+        except ListenError as exc:
+            return _listen_failed(exc, args.config)
     service = Service(config)
     try:
         # Every listener binds before pdp says it listens: HTTP first, then gRPC (in start()).
@@ -93,11 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
     except ListenError as exc:
         service.stop()
-        key = "http" if exc.listener == "HTTP" else "grpc"
-        off = "; --grpc '' turns gRPC off" if key == "grpc" else ""
-        print(f"pdp: {exc} (change server.{key} in {args.config or 'a config file'} or pass --{key} "
-              f"HOST:PORT{off})", file=sys.stderr)
-        return EXIT_ERROR
+        return _listen_failed(exc, args.config)
     grpc = f" and grpc://{service.grpc.address.rsplit(':', 1)[0]}:{service.grpc.port}" if service.grpc else ""
     logging.getLogger("pdp").info("pdp listening on %s://%s%s (policy %s, engine %s)", scheme,
                                   _address(sock), grpc, service.pdp.policy.version, config.policy.engine)
@@ -111,6 +111,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         service.stop()
     return 0
+
+
+def _listen_failed(exc: ListenError, config_path: str | None) -> int:
+    """One line: which listener cannot have which address, and the setting or flag to change."""
+    key = "http" if exc.listener == "HTTP" else "grpc"
+    off = "; --grpc '' turns gRPC off" if key == "grpc" else ""
+    print(f"pdp: {exc} (change server.{key} in {config_path or 'a config file'} or pass --{key} "
+          f"HOST:PORT{off})", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _address(sock: socket.socket) -> str:

@@ -431,8 +431,9 @@ def test_only_state_folders_of_dead_pdp_parents_are_removed(tmp_path):
 # -- pdp serve: taken ports, signals
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("listener", ["http", "grpc"])
-def test_serve_on_a_taken_port_names_the_address_and_the_setting_in_one_line(dev, listener):
+def test_serve_on_a_taken_port_names_the_address_and_the_setting_in_one_line(dev, listener, workers):
     import socket
 
     with socket.socket() as taken:
@@ -441,7 +442,7 @@ def test_serve_on_a_taken_port_names_the_address_and_the_setting_in_one_line(dev
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         ports = {"http": f"127.0.0.1:{free_port()}", "grpc": f"127.0.0.1:{free_port()}", listener: busy}
         result = pdp("serve", "--config", str(dev / "pdp.toml"), "--http", ports["http"], "--grpc", ports["grpc"],
-                     timeout=60)
+                     "--workers", workers, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # no traceback, no "listening" before it

@@ -21,7 +21,6 @@ import socket
 from pathlib import Path
 from typing import IO, Any
 
-import uvicorn
 from uvicorn.supervisors import multiprocess
 
 log = logging.getLogger("pdp")
@@ -33,11 +32,13 @@ CLAIMS_ENV = "PDP_WORKER_SOCKET_CLAIMS"
 _held: list[IO[str]] = []
 
 
-def listening_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]:
-    """``count`` sockets listening on ``config``'s host and port with ``SO_REUSEPORT``. The port is first
-    bound alone, as uvicorn binds it, so that a port another process holds is refused as it is without
-    workers (``SO_REUSEPORT`` would otherwise let two servers of one user share it)."""
-    probe = config.bind_socket()
+def listening_sockets(address: str, count: int, backlog: int = 2048) -> list[socket.socket]:
+    """``count`` sockets listening on ``address`` (HOST:PORT) with ``SO_REUSEPORT``. The address is first
+    bound alone, as without workers, so that one another process holds is a ``ListenError`` here
+    (``SO_REUSEPORT`` would otherwise let two servers of one user share it)."""
+    from pdp.service.server import bind_http
+
+    probe = bind_http(address)
     family, (host, port) = probe.family, probe.getsockname()[:2]  # port 0: the one the kernel chose
     probe.close()
     sockets = []
@@ -49,7 +50,7 @@ def listening_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]
         # against the client's delayed ACK).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
-        sock.listen(config.backlog)
+        sock.listen(backlog)
         sock.set_inheritable(True)
         sockets.append(sock)
     return sockets

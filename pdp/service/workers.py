@@ -27,6 +27,7 @@ from uvicorn.supervisors import Multiprocess
 
 from pdp.config import Config
 from pdp.credentials.shared_introspection import MIN_SECRET_BYTES
+from pdp.service.grpc_listener import check_bindable
 from pdp.service.metrics import MULTIPROCESS_ENV, forget_process
 from pdp.service.server import WORKER_CONFIG_ENV, Service, uvicorn_options
 from pdp.service.worker_sockets import CLAIMS_ENV, listening_sockets, restore_workers, use_claiming_workers
@@ -70,13 +71,16 @@ def serve_workers(config: Config, config_path: str | None, host: str, port: int,
             "store_secret": store_secret, "parent_pid": os.getpid()})
         # Read by prometheus_client when a worker first imports it (workers are started afresh, spawned).
         os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
+        server_config = uvicorn.Config("pdp.service.server:worker_app", factory=True, host=host, port=port,
+                                       workers=workers, log_level="warning", **uvicorn_options(config))
+        # Every listener binds before pdp says it listens: a listening socket for each HTTP worker, each
+        # claimed by one (pdp.service.worker_sockets); the gRPC port, which the workers share, is checked.
+        if config.server.grpc:
+            check_bindable("gRPC", config.server.grpc)
+        sockets = listening_sockets(config.server.http, workers, server_config.backlog)
         logging.getLogger("pdp").info("pdp listening on %s://%s:%d with %d workers (engine %s, shared state in %s)",
                                       scheme, host, port, workers, config.policy.engine,
                                       "store.url" if state_dir is None else state_dir)
-        server_config = uvicorn.Config("pdp.service.server:worker_app", factory=True, host=host, port=port,
-                                       workers=workers, log_level="warning", **uvicorn_options(config))
-        # A listening socket for each worker, each claimed by one (pdp.service.worker_sockets).
-        sockets = listening_sockets(server_config, workers)
         os.environ[CLAIMS_ENV] = str(metrics_dir)
         saved = use_claiming_workers()
         try:
