@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 from typing import Any
 
 from pdp.credentials.jose import DecodeError, json_object
@@ -89,29 +90,20 @@ class RegopyEvaluator:
 
 class RegorusEvaluator:
     def __init__(self, bundle: PolicyBundle) -> None:
-        from pdp.policy import rego_version, v0_heads
-        from pdp.policy.builtins import register
+        from pdp.policy import rego_version
 
         self._entrypoint = bundle.entrypoint
         # Before the engine reads them: v1 text read as v0 is not always refused by regorus.
         rego_version.check(bundle.modules, bundle.rego_version)
         engine = rego_version.new_engine(bundle.rego_version)
-        register(engine, bundle.rego_version)  # OPA's builtins that regorus lacks (io.jwt.*, crypto.x509.*, …)
-        for name, source in bundle.modules:
-            try:
-                engine.add_policy(name, source)
-            except Exception as exc:
-                raise rego_version.compile_error(name, source, bundle.rego_version, _short(str(exc))) from exc
-        if bundle.rego_version == "v0":  # rule heads that regorus reads otherwise than OPA
-            try:
-                tree = json.loads(engine.get_ast_as_json())
-            except Exception as exc:
-                raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
-            v0_heads.check(tree, bundle.rego_version)
         try:
-            engine.add_data(bundle.data)
-        except Exception as exc:
-            raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
+            _load(engine, bundle)
+        except BaseException as exc:
+            # A regorus engine may only be dropped on the thread that made it (pyo3 "unsendable"): drop it
+            # now, not when a traceback holding it is collected, perhaps on another thread.
+            traceback.clear_frames(exc.__traceback__)
+            del engine
+            raise
         self._engine = engine
 
     def query(self, ref: str, input_doc: dict[str, Any] | None) -> Any:
@@ -130,6 +122,28 @@ class RegorusEvaluator:
 
     def evaluate(self, input_doc: dict[str, Any]) -> Any:
         return self.query(self._entrypoint, input_doc)
+
+
+def _load(engine: Any, bundle: PolicyBundle) -> None:
+    from pdp.policy import rego_version, v0_heads
+    from pdp.policy.builtins import register
+
+    register(engine, bundle.rego_version)  # OPA's builtins that regorus lacks (io.jwt.*, crypto.x509.*, …)
+    for name, source in bundle.modules:
+        try:
+            engine.add_policy(name, source)
+        except Exception as exc:
+            raise rego_version.compile_error(name, source, bundle.rego_version, _short(str(exc))) from exc
+    if bundle.rego_version == "v0":  # rule heads that regorus reads otherwise than OPA
+        try:
+            tree = json.loads(engine.get_ast_as_json())
+        except Exception as exc:
+            raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
+        v0_heads.check(tree, bundle.rego_version)
+    try:
+        engine.add_data(bundle.data)
+    except Exception as exc:
+        raise LoadError("policy.paths", f"policy does not compile: {_short(str(exc))}") from exc
 
 
 def compile_evaluator(bundle: PolicyBundle) -> Evaluator:

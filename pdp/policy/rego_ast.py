@@ -14,6 +14,7 @@ into the module).
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,23 @@ def _index_rule(bundle: Bundle, module: Module, rule: Node) -> None:
         info.constant = True
 
 
+
+def _tree(engine: Any, name: str, source: str, rego_version: str, key: str) -> Any:
+    """The syntax tree regorus builds of one module (a ``LoadError`` naming it when it does not parse)."""
+    from pdp.policy import rego_version as versions
+
+    try:
+        engine.add_policy(name, source)
+    except Exception as exc:
+        raise versions.compile_error(name, source, rego_version,
+                                     str(exc).split("Stack backtrace:")[0].strip(), key) from exc
+    try:
+        return json.loads(engine.get_ast_as_json())
+    except Exception as exc:
+        raise LoadError(key, f"policy does not compile: {str(exc).split('Stack backtrace:')[0].strip()}") \
+            from exc
+
+
 def parse(modules: tuple[tuple[str, str], ...], key: str = "policy.paths", *, rego_version: str = "v1") -> Bundle:
     """Parse every module with regorus, in ``rego_version``; a module that does not parse is a
     ``LoadError`` naming it (and ``policy.rego_version`` when it is written in the other version)."""
@@ -175,15 +193,14 @@ def parse(modules: tuple[tuple[str, str], ...], key: str = "policy.paths", *, re
     for name, source in modules:
         engine = versions.new_engine(rego_version)
         try:
-            engine.add_policy(name, source)
-        except Exception as exc:
-            raise versions.compile_error(name, source, rego_version,
-                                         str(exc).split("Stack backtrace:")[0].strip(), key) from exc
-        try:
-            tree = json.loads(engine.get_ast_as_json())
-        except Exception as exc:
-            raise LoadError(key, f"policy does not compile: {str(exc).split('Stack backtrace:')[0].strip()}") \
-                from exc
+            tree = _tree(engine, name, source, rego_version, key)
+        except BaseException as exc:
+            # A regorus engine may only be dropped on the thread that made it (pyo3 "unsendable"): drop it
+            # now, not when a traceback holding it is collected, perhaps on another thread.
+            traceback.clear_frames(exc.__traceback__)
+            del engine
+            raise
+        del engine
         v0_heads.check(tree, rego_version, key)  # before any check reads a misread head
         ast = tree[0]["ast"]
         package = dotted(ast["package"]["refr"]) or ""
