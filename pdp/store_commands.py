@@ -176,7 +176,9 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Add ``revoke``, ``unrevoke`` and ``certs`` to the subcommands ``sub`` of ``pdp``."""
-    kinds = (("cert", "PEM_FILE|THUMBPRINT", "a client certificate (its PEM file, x5t#S256 or SHA-256 fingerprint)"),
+    # A base64url thumbprint may begin with '-': written after '--' it is never taken for an option.
+    kinds = (("cert", "PEM_FILE|THUMBPRINT", "a client certificate (its PEM file, x5t#S256 or SHA-256 fingerprint; "
+                                             "one that begins with '-' goes after '--')"),
              ("token", "JTI", "an access token, by its jti claim"),
              ("subject", "SPIFFE_ID", "a client identity: its certificates' SPIFFE ID and its tokens' sub"))
     rev = sub.add_parser("revoke", help="deny a certificate, token or subject on every pdp at once").add_subparsers(

@@ -103,7 +103,8 @@ def test_pdp_revoke_reaches_a_running_pdp_serve_through_redis(write_setup, tmp_p
         table = pdp("revoke", "list", "--config", str(config)).stdout
         assert table.splitlines()[0].split()[:2] == ["KIND", "VALUE"] and "laptop stolen" in table
 
-        result = pdp("unrevoke", "cert", pki.client.thumbprint, "--config", str(config))
+        # A base64url thumbprint may begin with '-': after '--' it is never read as an option.
+        result = pdp("unrevoke", "cert", "--config", str(config), "--", pki.client.thumbprint)
         assert result.returncode == 0, result.stderr
         _until_reason(url, chain, "allowed")
 
@@ -152,3 +153,15 @@ def test_a_whole_jwt_or_a_reason_with_control_characters_is_refused_with_exit_2(
     result = pdp("revoke", "token", "j1", "--reason", "rotation\nWARNING forged line", "--config", str(config))
     assert result.returncode == 2 and "control characters" in result.stderr
     assert json.loads(pdp("revoke", "list", "--json", "--config", str(config)).stdout) == []
+
+
+def test_a_thumbprint_that_begins_with_a_dash_is_read_after_double_dash(tmp_path, prefix):
+    """One x5t#S256 in 64 begins with '-' (base64url): written after '--' it is the value, not an option."""
+    config = tmp_path / "pdp.toml"
+    config.write_text(f'[store]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n')
+    thumbprint = "-" + "A" * 42
+    result = pdp("revoke", "cert", "--config", str(config), "--", thumbprint)
+    assert result.returncode == 0, result.stderr
+    assert thumbprint in pdp("revoke", "list", "--config", str(config)).stdout
+    result = pdp("unrevoke", "cert", "--config", str(config), "--", thumbprint)
+    assert result.returncode == 0, result.stderr
