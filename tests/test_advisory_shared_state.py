@@ -29,7 +29,7 @@ from conftest import AUDIENCE, REDIS_URL, check_request
 from redis_process import RedisProcess
 from servers import free_port, serve_pdp
 from test_jwks_refresh import KeySetServer
-from test_shared_introspection import AS_ISSUER, CLIENT_ID, SHARED, STORE_SECRET, IntrospectionServer
+from test_shared_introspection import AS_ISSUER, CLIENT_ID, SHARED, STORE_SECRET, IntrospectionServer, _decide, _extra
 from test_store_outage import Caller
 from test_store_outage import _config as _outage_config
 
@@ -54,21 +54,12 @@ def auth_server() -> Iterator[IntrospectionServer]:
     server.stop()
 
 
-def _opaque_issuer(server: IntrospectionServer, store_url: str, prefix: str, *, cache_ttl: float = 300,
-                   negative_ttl: float = 10) -> str:
-    return (f'[store]\nurl = "{store_url}"\nprefix = "{prefix}"\ntimeout = 0.2\nsecret = "{STORE_SECRET}"\n'
-            f'[[tokens.issuers]]\nissuer = "{AS_ISSUER}"\naudiences = ["{AUDIENCE}"]\n'
-            f'introspection_endpoint = "{server.url}"\nintrospection_client_id = "{CLIENT_ID}"\n'
-            f'introspection_client_secret = "rs-secret"\nintrospection_cache_ttl = {cache_ttl}\n'
-            f'introspection_negative_ttl = {negative_ttl}\nintrospection_timeout = 2\n')
-
-
 @pytest.fixture
 def replicas(write_setup, auth_server, prefix) -> Iterator[Any]:
     made: list[Pdp] = []
 
     def make(count: int = 2, **kw: Any) -> list[Pdp]:
-        path = write_setup(extra=_opaque_issuer(auth_server, REDIS_URL, prefix, **kw))
+        path = write_setup(extra=_extra(auth_server, REDIS_URL, prefix, **kw))
         for _ in range(count):
             made.append(build_pdp(load_config(path), probe=False))
         return made[-count:]
@@ -76,10 +67,6 @@ def replicas(write_setup, auth_server, prefix) -> Iterator[Any]:
     yield make
     for pdp in made:
         pdp.close()
-
-
-def _decide(pdp: Pdp, pki: Any, token: str) -> Any:
-    return pdp.decide(check_request(chain=pki.chain(), token=token))
 
 
 def _write_shared(prefix: str, auth_server: IntrospectionServer, token: str, value: bytes) -> None:
@@ -122,7 +109,7 @@ def test_store_poisoning_a_forged_active_answer_does_not_mint_a_token(replicas, 
 def test_store_poisoning_without_a_store_secret_nothing_is_shared(write_setup, auth_server, pki, prefix):
     """``store.url`` without ``store.secret``: no replica can tell its peers' answers from a forgery, so none
     reads or writes shared answers at all (each asks the authorization server, and keeps its own)."""
-    extra = _opaque_issuer(auth_server, REDIS_URL, prefix).replace(f'secret = "{STORE_SECRET}"\n', "")
+    extra = _extra(auth_server, REDIS_URL, prefix).replace(f'secret = "{STORE_SECRET}"\n', "")
     assert "secret =" not in extra.split("[[tokens.issuers]]")[0]
     path = write_setup(extra=extra)
     first, second = (build_pdp(load_config(path), probe=False) for _ in range(2))
@@ -160,9 +147,9 @@ def test_key_sharing_a_deployment_with_a_longer_cache_time_cannot_stretch_a_shor
         write_setup, auth_server, pki, prefix):
     """Two deployments on one Redis prefix: the one with ``introspection_cache_ttl = 2`` does not keep an
     answer shared by the one with 300 s past its own 2 s; it asks the authorization server itself."""
-    long_lived = build_pdp(load_config(write_setup(extra=_opaque_issuer(auth_server, REDIS_URL, prefix))),
+    long_lived = build_pdp(load_config(write_setup(extra=_extra(auth_server, REDIS_URL, prefix))),
                            probe=False)
-    short_lived = build_pdp(load_config(write_setup(extra=_opaque_issuer(auth_server, REDIS_URL, prefix,
+    short_lived = build_pdp(load_config(write_setup(extra=_extra(auth_server, REDIS_URL, prefix,
                                                                          cache_ttl=2))), probe=False)
     try:
         auth_server.active("tok", pki.client.thumbprint)
