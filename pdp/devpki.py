@@ -6,6 +6,7 @@ more client certificates and bound tokens for their own tests.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import time
@@ -31,7 +32,7 @@ class Issued:
     cert: x509.Certificate
     key: PrivateKey
 
-    @property
+    @functools.cached_property
     def der(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.DER)
 

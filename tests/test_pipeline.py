@@ -150,6 +150,16 @@ def test_lower_case_bearer_scheme_is_accepted(make_pdp: Any, pki: Any, issuer: A
     assert decision.allowed, decision.explanation()
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "DPoP"])
+def test_a_letter_that_only_folds_to_ascii_is_no_token68(make_pdp: Any, pki: Any, issuer: Any, scheme: str) -> None:
+    """The scheme is case-insensitive, the token is not: the Kelvin sign (U+212A) folds to 'k' under
+    Unicode case folding, and a token holding one is refused as it is read, not later."""
+    token = bound_token(issuer, pki.client)
+    decision = make_pdp().decide(request(chain=pki.chain(), authorization=f"{scheme} {token}\u212a"))
+    assert decision.reason == "token_malformed"
+    assert "not a token68 value" in decision.message
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/public/logo.png", "/public/a/b?v=2"])
 def test_public_paths_need_no_credentials(make_pdp: Any, engine: str, path: str) -> None:
     decision = make_pdp(engine=engine).decide(check_request(path=path))
