@@ -63,18 +63,22 @@ def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> Ra
     attributes = message.attributes
     http = attributes.request.http
     # Envoy joins a repeated header with ',' in this map; with encode_raw_headers it sends header_map lines.
-    lines = [(k, v) for k, v in http.headers.items()]
-    lines += [(entry.key, entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value)
-              for entry in http.header_map.headers]
-    chain, cert_error = _peer_chain(attributes.source.certificate) if attributes.source.certificate else ((), None)
+    lines = list(http.headers.items())
+    if http.HasField("header_map"):
+        lines += [(entry.key, entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value)
+                  for entry in http.header_map.headers]
+    source = attributes.source
+    certificate = source.certificate
+    chain, cert_error = _peer_chain(certificate) if certificate else ((), None)
     path = http.path
     if http.query and "?" not in path:
         path = f"{path}?{http.query}"
-    context: dict[str, Any] = {"context_extensions": dict(attributes.context_extensions)}
+    extensions = attributes.context_extensions
+    context: dict[str, Any] = {"context_extensions": dict(extensions) if extensions else {}}
     if attributes.HasField("metadata_context"):
         context["metadata_context"] = json_format.MessageToDict(attributes.metadata_context)
-    if attributes.source.principal:
-        context["source_principal"] = attributes.source.principal
+    if source.principal:
+        context["source_principal"] = source.principal
     return RawRequest(
         via=Via.DOCUMENT,
         method=http.method,
@@ -85,7 +89,7 @@ def to_raw_request(message: external_auth_pb2.CheckRequest, *, now: float) -> Ra
         protocol=http.protocol or "HTTP/1.1",
         client_chain=chain,
         client_chain_error=cert_error,
-        source_address=attributes.source.address.socket_address.address,
+        source_address=source.address.socket_address.address,
         time=now,
         context=MappingProxyType(context),
         # 'body' (with_request_body), or 'raw_body' with pack_as_bytes: the plugin reads them in this order.
