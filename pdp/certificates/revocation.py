@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
 
 from pdp import reasons
 from pdp.certificates.crl_distribution import (
@@ -69,6 +70,8 @@ _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----\s*", 
 CRL = x509.CertificateRevocationList
 
 MODES = ("hard", "soft")
+
+_AIA, _CRLDP = ExtensionOID.AUTHORITY_INFORMATION_ACCESS, ExtensionOID.CRL_DISTRIBUTION_POINTS
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[x509.Certifica
     consulted, ``retry_after`` after a soft failure, or infinity). ``require`` is ``require_crl``. With
     ``network`` False, raise ``NeedsNetwork`` where an answer would have to be fetched."""
     policy = policy or RevocationPolicy()
+    if not crls and not require and not policy.require and not any(_names_a_source(c, policy) for c in chain[:-1]):
+        return float("inf")  # nothing to consult and nothing required: no certificate needs an answer
     deadline = time.monotonic() + policy.timeout
     until = float("inf")
     for cert, issuer in itertools.pairwise(chain):
@@ -146,6 +151,22 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[x509.Certifica
                 online.stats.soft_fail()
             until = min(until, now + (online.retry_after if online is not None else 10.0))
     return until
+
+
+def _names_a_source(cert: x509.Certificate, policy: RevocationPolicy) -> bool:
+    """Whether ``cert`` has an extension naming a source ``policy`` consults (AIA for OCSP, CRL
+    distribution points): without one, and without CRL files or a requirement, it needs no answer."""
+    if not (policy.ocsp or policy.crl_distribution_points):
+        return False
+    try:
+        return any((policy.ocsp and e.oid == _AIA) or (policy.crl_distribution_points and e.oid == _CRLDP)
+                   for e in cert.extensions)
+    except (ValueError, x509.DuplicateExtension) as exc:  # extensions are parsed on access
+        raise _unparseable(exc) from exc
+
+
+def _unparseable(exc: Exception) -> Denied:
+    return Denied(reasons.CERT_MALFORMED, f"unparseable revocation extension: {exc}")
 
 
 def _check_one(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[CRL], now: float, require: bool,
@@ -174,10 +195,13 @@ def _check_one(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[
         needed = True
         problems.append(f"no CRL for issuer {cert.issuer.rfc4514_string()} (require_crl)")
     try:
-        responders = ocsp_urls(cert) if policy.ocsp else ()
-        points = distribution_point_urls(cert) if policy.crl_distribution_points else ()
+        # Most certificates name neither: then there is nothing to look for (and no exception to raise).
+        consulted = policy.ocsp or policy.crl_distribution_points  # else the extensions are not read at all
+        named = {extension.oid for extension in cert.extensions} if consulted else set()
+        responders = ocsp_urls(cert) if policy.ocsp and _AIA in named else ()
+        points = distribution_point_urls(cert) if policy.crl_distribution_points and _CRLDP in named else ()
     except (ValueError, x509.DuplicateExtension) as exc:  # extensions are parsed on access
-        raise Denied(reasons.CERT_MALFORMED, f"unparseable revocation extension: {exc}") from exc
+        raise _unparseable(exc) from exc
     if responders or points:
         needed = True
         if online is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.verification import (
+    ClientVerifier,
     Criticality,
     ExtensionPolicy,
     PolicyBuilder,
@@ -35,7 +36,7 @@ from cryptography.x509.verification import (
 
 from pdp import reasons
 from pdp.cache import ExpiringCache
-from pdp.certificates.identity import CertIdentity, extract_identity, spiffe_of
+from pdp.certificates.identity import CertIdentity, extract_identity, read_sans, spiffe_of
 from pdp.certificates.online_revocation import OnlineRevocation
 from pdp.certificates.pem import PemError, pem_to_der_chain
 from pdp.certificates.revocation import RevocationPolicy, check_chain, load_crls
@@ -58,11 +59,24 @@ class TrustBundle:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_store", Store(list(self.roots)))
+        object.__setattr__(self, "_verifier", None)
 
     @property
     def store(self) -> Store:
         store: Store = object.__getattribute__(self, "_store")
         return store
+
+    def client_verifier(self, when: datetime, max_depth: int) -> ClientVerifier:
+        """The client verifier of this bundle at ``when`` (whole seconds: the verifier reads no finer time,
+        so one verifier serves every chain verified within the same second)."""
+        kept: tuple[datetime, int, ClientVerifier] | None = object.__getattribute__(self, "_verifier")
+        if kept is not None and kept[0] == when and kept[1] == max_depth:
+            return kept[2]
+        verifier = (PolicyBuilder().store(self.store).time(when).max_chain_depth(max_depth)
+                    .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+                    .build_client_verifier())
+        object.__setattr__(self, "_verifier", (when, max_depth, verifier))
+        return verifier
 
     def vouches_for(self, trust_domain: str | None) -> bool:
         return self.trust_domain is None or self.trust_domain == trust_domain
@@ -97,6 +111,20 @@ def load_bundle(path: Path, name: str, trust_domain: str | None, key: str,
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
 _EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
     x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+
+
+_NOT_AFTER: dict[int, tuple[x509.Certificate, float]] = {}
+
+
+def _not_after(cert: x509.Certificate) -> float:
+    """``not_valid_after`` of a CA certificate of a verified chain, as a timestamp: the bundle's own
+    certificates come back in every chain, so each is read once (held here, so an id is not reused)."""
+    kept = _NOT_AFTER.get(id(cert))
+    if kept is None or kept[0] is not cert:
+        if len(_NOT_AFTER) >= 1024:
+            _NOT_AFTER.clear()
+        kept = _NOT_AFTER[id(cert)] = (cert, cert.not_valid_after_utc.timestamp())
+    return kept[1]
 
 
 class ChainVerifier:
@@ -138,7 +166,7 @@ class ChainVerifier:
         if cached is not None and cached.not_before <= now:
             return cached
         generation = self._generation
-        identity, expires = self._verify_uncached(chain, now, network)
+        identity, expires = self._verify_uncached(chain, key, now, network)
         with self._generation_lock:
             if generation == self._generation:
                 self._cache.put(key, identity, min(expires, now + self._max_cache))
@@ -149,7 +177,8 @@ class ChainVerifier:
             self._generation += 1
             self._cache.clear()
 
-    def _verify_uncached(self, chain: tuple[bytes, ...], now: float, network: bool) -> tuple[CertIdentity, float]:
+    def _verify_uncached(self, chain: tuple[bytes, ...], digest: bytes, now: float,
+                         network: bool) -> tuple[CertIdentity, float]:
         try:
             certs = [x509.load_der_x509_certificate(der) for der in chain]
         except Exception as exc:  # ValueError, InvalidVersion…: whatever the bytes, they are no certificate
@@ -158,29 +187,25 @@ class ChainVerifier:
         try:
             not_before = leaf.not_valid_before_utc.timestamp()
             not_after = leaf.not_valid_after_utc.timestamp()
-            uris = tuple(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                         .value.get_values_for_type(x509.UniformResourceIdentifier))
-        except x509.ExtensionNotFound:
-            uris = ()
+            sans = read_sans(leaf)
         except (ValueError, x509.DuplicateExtension) as exc:  # extensions are only parsed on access
             raise Denied(reasons.CERT_MALFORMED, f"unparseable certificate extension: {exc}") from exc
         if now < not_before:
             raise Denied(reasons.CERT_NOT_YET_VALID, f"the client certificate is valid from {int(not_before)}")
         if now > not_after:  # RFC 5280 §4.1.2.5: notAfter itself is still within the validity period
             raise Denied(reasons.CERT_EXPIRED, f"the client certificate expired at {int(not_after)}")
-        _, trust_domain = spiffe_of(uris)
+        spiffe = spiffe_of(sans.uris)
+        trust_domain = spiffe[1]
         bundles = [b for b in self.bundles if b.vouches_for(trust_domain)]
         if not bundles:
             raise Denied(reasons.CERT_UNTRUSTED,
                          f"no trust bundle is configured for trust domain {trust_domain!r}"
                          if trust_domain else "no trust bundle is configured")
-        when = datetime.fromtimestamp(now, UTC)
+        # The verifier judges validity in whole seconds (X.509 times have no finer ones): the same instant.
+        when = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
         errors: list[str] = []
         for bundle in bundles:
-            verifier = (PolicyBuilder().store(bundle.store).time(when)
-                        .max_chain_depth(self._max_depth)
-                        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
-                        .build_client_verifier())
+            verifier = bundle.client_verifier(when, self._max_depth)
             try:
                 verified = verifier.verify(leaf, [*certs[1:], *bundle.intermediates])
             except VerificationError as exc:
@@ -191,12 +216,13 @@ class ChainVerifier:
             revocation_until = check_chain(verified.chain, bundle.crls, now, require=bundle.require_crl,
                                            policy=bundle.revocation, online=self.revocation, network=network)
             try:
-                identity = extract_identity(leaf, chain[0], verified.chain, bundle.name)
+                identity = extract_identity(leaf, chain[0], verified.chain, bundle.name, sans=sans, spiffe=spiffe,
+                                            digest=digest, validity=(not_before, not_after))
             except Denied:
                 raise
             except Exception as exc:  # a CA signed what pdp cannot read (a key off its curve, a non-UTF-8 name)
                 raise Denied(reasons.CERT_MALFORMED, f"the certificate's contents cannot be read: {exc}") from exc
-            expires = min(min(c.not_valid_after_utc.timestamp() for c in verified.chain), revocation_until)
+            expires = min(not_after, *(_not_after(c) for c in verified.chain[1:]), revocation_until)
             return identity, expires
         raise Denied(reasons.CERT_UNTRUSTED, "; ".join(errors))
 

@@ -22,17 +22,26 @@ class DecodeError(ValueError):
     """Input is not strict base64url or not a JSON object without duplicate members."""
 
 
+#: base64url to the standard alphabet for ``binascii``; the standard alphabet's own '+', '/' and '=' become
+#: a character it refuses, since base64url has none of them.
+_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
+#: The value of each base64url character (its last one must carry no stray bits).
+_B64URL_VALUES = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+
+
 def b64url_decode(text: str) -> bytes:
     """Decode unpadded base64url; reject padding, foreign characters and non-canonical encodings."""
-    if _B64URL.fullmatch(text) is None:
-        raise DecodeError("not base64url")
-    if len(text) % 4 == 1:
-        raise DecodeError("base64url has an impossible length")
+    rest = len(text) % 4
+    if rest == 1:
+        raise DecodeError("not base64url" if _B64URL.fullmatch(text) is None else "base64url has an impossible length")
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:  # pragma: no cover - regex makes this unreachable
+        # strict_mode: any character outside the alphabet is an error, not skipped.
+        standard = text.encode("ascii").translate(_TO_STANDARD) + b"=" * (-rest % 4)
+        raw = binascii.a2b_base64(standard, strict_mode=True)
+    except ValueError as exc:  # binascii.Error, or a character beyond ASCII (UnicodeEncodeError)
         raise DecodeError("not base64url") from exc
-    if b64url_encode(raw) != text:
+    # The last character of 2 (3) carries 4 (2) bits beyond the data: a canonical encoding has them zero.
+    if rest and _B64URL_VALUES[text[-1]] & (0x0F if rest == 2 else 0x03):
         raise DecodeError("base64url is not canonical (stray trailing bits)")
     return raw
 
@@ -42,11 +51,13 @@ def b64url_encode(data: bytes) -> str:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise DecodeError(f"duplicate member {key!r}")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # a name came twice: find the first repeat, for the message
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DecodeError(f"duplicate member {key!r}")
+            seen.add(key)
     return obj
 
 
@@ -60,6 +71,10 @@ def _finite_float(text: str) -> float:
         raise DecodeError(f"number {text[:20]} is out of range")
     return value
 
+
+#: One decoder for every call (``json.loads`` with options builds a new one each time).
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                            parse_float=_finite_float)
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -82,9 +97,10 @@ def json_object(data: bytes | str) -> dict[str, Any]:
             data = data.decode("utf-8")  # strict: no BOM sniffing, no UTF-16/32, no lone surrogates
         except UnicodeDecodeError as exc:
             raise DecodeError("not UTF-8") from exc
+    if data.startswith("\ufeff"):  # as json.loads: a byte order mark is no JSON
+        raise DecodeError("not valid JSON")
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                           parse_float=_finite_float)
+        value = _DECODER.decode(data)
     except DecodeError:
         raise
     except (ValueError, RecursionError) as exc:

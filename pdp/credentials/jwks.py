@@ -18,7 +18,7 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -51,6 +51,8 @@ class JsonWebKey:
 @dataclass(frozen=True, slots=True)
 class KeySet:
     keys: tuple[JsonWebKey, ...] = ()
+    #: What ``pdp.credentials.jws`` prepared to verify with these keys, by (kid, alg) of the tokens seen.
+    prepared: dict[tuple[str | None, str], Any] = field(default_factory=dict, compare=False, repr=False)
 
     def candidates(self, kid: str | None) -> tuple[JsonWebKey, ...]:
         """Keys that may have signed a token with this ``kid`` (all keys when the token names none)."""

@@ -9,17 +9,17 @@ refused because pdp understands no extensions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from jwt.algorithms import Algorithm, get_default_algorithms
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from pdp.credentials.jose import DecodeError, b64url_decode, json_object
-from pdp.credentials.jwks import JsonWebKey, KeySet
-
-_PYJWT_ALGS = get_default_algorithms()
+from pdp.credentials.jwks import JsonWebKey, KeySet, PublicKey
 
 #: alg -> (kty, crv) of the keys that may verify it.
 ASYMMETRIC_ALGORITHMS: dict[str, tuple[str, str | None]] = {
@@ -32,6 +32,11 @@ ASYMMETRIC_ALGORITHMS: dict[str, tuple[str, str | None]] = {
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 MAX_TOKEN_LENGTH = 16 * 1024
+
+#: Headers already decoded, by their base64url text: an issuer puts the same header on every token.
+_HEADERS: dict[str, dict[str, Any]] = {}
+_MAX_HEADERS = 256
+_MAX_HEADER_TEXT = 1024
 
 
 class JwsError(ValueError):
@@ -65,7 +70,7 @@ def parse_compact(token: str) -> ParsedJws:
     if len(parts) != 3:
         raise JwsError(JwsError.MALFORMED, "not a compact JWS (needs three dot-separated parts)")
     try:
-        header = json_object(b64url_decode(parts[0]))
+        header = _header(parts[0])
         payload = b64url_decode(parts[1])
         signature = b64url_decode(parts[2])
     except DecodeError as exc:
@@ -75,6 +80,18 @@ def parse_compact(token: str) -> ParsedJws:
     if header.get("b64", True) is not True:
         raise JwsError(JwsError.MALFORMED, "unencoded payloads (b64=false) are not accepted")
     return ParsedJws(header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+def _header(text: str) -> dict[str, Any]:
+    """The decoded header (a copy: the caller may keep it); a text once decoded is not decoded again."""
+    kept = _HEADERS.get(text)
+    if kept is None:
+        kept = json_object(b64url_decode(text))
+        if len(text) <= _MAX_HEADER_TEXT:  # bounded: a flood of made-up headers starts the table again
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.clear()
+            _HEADERS[text] = kept
+    return dict(kept)
 
 
 def _key_fits(key: JsonWebKey, alg: str) -> bool:
@@ -90,9 +107,47 @@ def _key_fits(key: JsonWebKey, alg: str) -> bool:
     return isinstance(key.key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
 
 
-def _algorithm(alg: str) -> Algorithm:
-    name = "EdDSA" if alg == "Ed25519" else alg
-    return _PYJWT_ALGS[name]
+#: A signature check: (signing input, signature) -> True, or an exception.
+Check = Callable[[bytes, bytes], bool]
+
+_HASHES: dict[str, hashes.HashAlgorithm] = {"256": hashes.SHA256(), "384": hashes.SHA384(),
+                                            "512": hashes.SHA512()}
+
+
+def _check(key: PublicKey, alg: str) -> Check:
+    """The RFC 7518 §3 / RFC 8037 §3.1 verification of ``alg`` with ``key`` (which fits it), its parameters
+    built once per key."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        # §3.4: the signature is R and S, each as long as the curve's order, not DER.
+        size = (key.curve.key_size + 7) // 8
+        ecdsa = ec.ECDSA(_HASHES[alg[2:]])
+
+        def check_ec(message: bytes, signature: bytes) -> bool:
+            if len(signature) != 2 * size:
+                return False
+            r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            key.verify(encode_dss_signature(r, s), message, ecdsa)
+            return True
+
+        return check_ec
+    if isinstance(key, rsa.RSAPublicKey):
+        digest = _HASHES[alg[2:]]
+        # §3.5: PSS with MGF1 over the same hash, and a salt as long as the hash.
+        pad: padding.AsymmetricPadding = (padding.PKCS1v15() if alg.startswith("RS") else
+                                          padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size))
+
+        def check_rsa(message: bytes, signature: bytes) -> bool:
+            key.verify(signature, message, pad, digest)
+            return True
+
+        return check_rsa
+    edwards = key
+
+    def check_eddsa(message: bytes, signature: bytes) -> bool:
+        edwards.verify(signature, message)
+        return True
+
+    return check_eddsa
 
 
 def verify(parsed: ParsedJws, keys: KeySet, algorithms: frozenset[str]) -> JsonWebKey:
@@ -105,18 +160,21 @@ def verify(parsed: ParsedJws, keys: KeySet, algorithms: frozenset[str]) -> JsonW
     kid = parsed.header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise JwsError(JwsError.MALFORMED, "'kid' is not a string")
-    candidates = [k for k in keys.candidates(kid) if _key_fits(k, alg)]
-    if not candidates:
-        raise JwsError(JwsError.KEY_UNKNOWN, f"no {alg} key with kid {kid!r}")
-    algorithm = _algorithm(alg)
-    for key in candidates:
-        if _verifies(algorithm, parsed, key):
+    checks: tuple[tuple[JsonWebKey, Check], ...] | None = keys.prepared.get((kid, alg))
+    if checks is None:
+        checks = tuple((k, _check(k.key, alg)) for k in keys.candidates(kid) if _key_fits(k, alg))
+        if not checks:
+            raise JwsError(JwsError.KEY_UNKNOWN, f"no {alg} key with kid {kid!r}")
+        # Kept only for a kid of the set: as many entries as its keys (and None) times the algorithms.
+        keys.prepared[(kid, alg)] = checks
+    for key, check in checks:
+        if _verifies(check, parsed):
             return key
     raise JwsError(JwsError.SIGNATURE, "signature verification failed")
 
 
-def _verifies(algorithm: Algorithm, parsed: ParsedJws, key: JsonWebKey) -> bool:
+def _verifies(check: Check, parsed: ParsedJws) -> bool:
     try:
-        return bool(algorithm.verify(parsed.signing_input, key.key, parsed.signature))
+        return check(parsed.signing_input, parsed.signature)
     except (InvalidSignature, ValueError, TypeError):  # e.g. a signature of the wrong length
         return False
