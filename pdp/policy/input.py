@@ -45,10 +45,11 @@ def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
     """
     raw_path, _, query = path.partition("?")
     raw_path = raw_path.split("#", 1)[0]
-    segments = urllib.parse.unquote(raw_path).lstrip("/").split("/")
+    segments = (urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path).lstrip("/").split("/")
     parsed_query: dict[str, list[str]] = {}
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        parsed_query.setdefault(key, []).append(value)
+    if query:
+        for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+            parsed_query.setdefault(key, []).append(value)
     return segments, parsed_query
 
 
@@ -106,7 +107,7 @@ def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
 
 def build_input(request: CheckRequest, identity: CertIdentity | None, token: VerifiedToken | None,
                 binding: dict[str, Any]) -> dict[str, Any]:
-    path_only = request.path.split("?", 1)[0].split("#", 1)[0]
+    path_only = request.path.partition("?")[0].partition("#")[0]
     parsed_path, parsed_query = parse_path(request.path)
     source: dict[str, Any] = {"address": {"socketAddress": {"address": request.source_address}}}
     if identity is not None:
@@ -133,7 +134,7 @@ def build_input(request: CheckRequest, identity: CertIdentity | None, token: Ver
         "attributes": {
             "request": {"http": http},
             "source": source,
-            "contextExtensions": dict(request.context.get("context_extensions", {})),
+            "contextExtensions": dict(request.context.get("context_extensions") or {}),
             "metadataContext": request.context.get("metadata_context", {}),
         },
         "path": path_only,
