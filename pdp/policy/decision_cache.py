@@ -126,14 +126,6 @@ def _string(literal: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _value_at(doc: Any, path: Path) -> Any:
-    for step in path:
-        if not isinstance(doc, dict) or step not in doc:
-            return _ABSENT
-        doc = doc[step]
-    return doc
-
-
 class DecisionCache:
     """Bounded LRU of outcomes by the values at the paths a bundle reads. Thread-safe."""
 
@@ -155,7 +147,16 @@ class DecisionCache:
 
     def key(self, doc: dict[str, Any]) -> str:
         # repr keeps types apart (1, 1.0, True and "1" are four keys) and quotes every string.
-        return repr(tuple(_value_at(doc, p) for p in self.paths))
+        values = []
+        for path in self.paths:  # no function per step: this runs on every decision
+            value: Any = doc
+            for step in path:
+                if not isinstance(value, dict) or step not in value:
+                    value = _ABSENT
+                    break
+                value = value[step]
+            values.append(value)
+        return repr(values)
 
     def get(self, key: str) -> Any | None:
         with self._lock:
