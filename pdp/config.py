@@ -569,6 +569,10 @@ def _header_name(t: _Table, name: str, default: str) -> str:
     return value.lower()
 
 
+#: ``gateway.ext_authz_prefix``: plain path segments (no dot segments), nothing a router or a decoder reads.
+_PREFIX = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+")
+
+
 def _gateway(t: _Table) -> GatewayConfig:
     from pdp.adapters.cert_headers import FORMATS, parse_networks
 
@@ -576,6 +580,10 @@ def _gateway(t: _Table) -> GatewayConfig:
     prefix = t.text("ext_authz_prefix", d.ext_authz_prefix) or d.ext_authz_prefix
     if not prefix.startswith("/") or prefix.endswith("/"):
         raise ConfigError(t.key("ext_authz_prefix"), "must be a path like /ext_authz (no trailing slash)")
+    if _PREFIX.fullmatch(prefix) is None:
+        # '{name}' is a pattern to a router, not text: '/{p:path}' would take every path, pdp's own included.
+        raise ConfigError(t.key("ext_authz_prefix"), "must be a path of letters, digits and - . _ ~ only, "
+                                                     "in segments that are not empty, '.' or '..'")
     # pdp's own endpoints: a prefix at or under one would send a gateway's checks there (or shadow it).
     reserved = ("/v1", "/healthz", "/readyz", "/metrics", "/admin", "/oauth2", "/.well-known")
     taken = next((r for r in reserved if prefix.lower() == r or prefix.lower().startswith(r + "/")), None)

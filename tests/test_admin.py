@@ -171,7 +171,19 @@ def test_an_ext_authz_prefix_on_pdp_s_own_endpoints_is_refused(write_setup, pref
     assert err.value.key == "gateway.ext_authz_prefix"
 
 
-@pytest.mark.parametrize("prefix", ["/authz", "/administration", "/oauth", "/v10"])
+@pytest.mark.parametrize("prefix", ["/{p:path}", "/{rest}", "/ext_authz/{x}", "/a/../b", "/a/./b", "/a//b",
+                                    "/ext authz", "/a%2Fb", "/ext_authz?x", "/ext_authz#x", "/\u00e9", "/a\\b"])
+def test_an_ext_authz_prefix_a_router_or_decoder_reads_otherwise_is_refused(write_setup, prefix):
+    """'/{p:path}' passed the check for pdp's own endpoints as text, and the router then read it as a
+    pattern that took every path, /healthz and /v1/check included."""
+    path = write_setup()
+    path.write_text(path.read_text() + f'\n[gateway]\next_authz_prefix = "{prefix}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == "gateway.ext_authz_prefix"
+
+
+@pytest.mark.parametrize("prefix", ["/authz", "/administration", "/oauth", "/v10", "/ext_authz.v2", "/a/b-c/d~e"])
 def test_an_ext_authz_prefix_beside_them_is_fine(write_setup, prefix):
     path = write_setup()
     path.write_text(path.read_text() + f'\n[gateway]\next_authz_prefix = "{prefix}"\n')
