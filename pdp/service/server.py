@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, request_response
+from starlette.routing import Route
 
 from pdp import reasons
 from pdp.adapters import http_authz, introspection
@@ -57,6 +57,17 @@ from pdp.service.grpc_listener import GrpcListener, ListenError
 from pdp.service.inventory_flusher import InventoryFlusher
 from pdp.service.listener_tls import caller_gate, caller_names, tls_protocols, uvicorn_ssl_options
 from pdp.service.metrics import CONTENT_TYPE, Metrics
+from pdp.service.raw_asgi import (
+    BodyTooLarge,
+    DecisionPaths,
+    Disconnected,
+    Receive,
+    Scope,
+    Send,
+    answer,
+    header_values,
+    read_body,
+)
 from pdp.service.reloader import Reloader, Watched
 from pdp.service.revocation_sync import RevocationSync
 from pdp.service.store_health import StoreHealth
@@ -238,32 +249,36 @@ class Service:
         }
 
     # -- HTTP
-    async def check(self, request: Request) -> Response:
-        peer = request.client.host if request.client else ""
+    async def check(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/check``, straight on ASGI (``pdp.service.raw_asgi``): every gateway request comes here."""
+        client = scope.get("client")
+        peer = client[0] if client else ""
         now = time.time()
         # The document is JSON: said so (application/json, any +json type) or not said at all, as OPA's
         # REST API and most clients have it. Another type is refused rather than read as JSON regardless:
         # a browser may send text/plain or a form across origins without asking first.
-        declared = [t for t in request.headers.getlist("content-type") if not _is_json(t)]
+        declared = [t for t in header_values(scope, b"content-type") if not _is_json(t)]
         if declared:
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, f"content-type {declared[0][:100]!r} is not "
                                        "application/json", _unreadable(now, peer))
-            return _Answer(render(dataclasses.replace(decision, status=415)), status_code=415)
+            return await _answer_json(send, render(dataclasses.replace(decision, status=415)), 415)
+        limit = self.config.server.max_body_bytes
         try:
-            body = await _read_body(request, self.config.server.max_body_bytes)
+            body = await read_body(scope, receive, limit)
             doc = json.loads(body)
             raw = parse_request(doc, now=now, peer_address=peer)
-        except _TooLarge:
+        except Disconnected:
+            return None
+        except BodyTooLarge:
             # 413 (Content Too Large): the reason's own 431 is for request heads, which this is not.
             decision = self.pdp.refuse(reasons.REQUEST_TOO_LARGE, "request document larger than "
-                                       f"server.max_body_bytes ({self.config.server.max_body_bytes})",
-                                       _unreadable(now, peer))
-            return _Answer(render(dataclasses.replace(decision, status=413)), status_code=413)
+                                       f"server.max_body_bytes ({limit})", _unreadable(now, peer))
+            return await _answer_json(send, render(dataclasses.replace(decision, status=413)), 413)
         except (ValueError, RecursionError, RequestDocumentError) as exc:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
-            return _Answer(render(decision), status_code=400)
-        return _Answer(render(await self._check(raw)))
+            return await _answer_json(send, render(decision), 400)
+        await _answer_json(send, render(await self._check(raw)), 200)
 
     async def _check(self, raw: RawRequest) -> Decision:
         try:
@@ -273,14 +288,13 @@ class Service:
             assert exc.request is not None
             return await run_in_threadpool(self.pdp.decide, exc.request)
 
-    async def ext_authz(self, request: Request) -> Response:
-        """Envoy http_service / nginx auth_request / Traefik forwardAuth."""
-        scope = request.scope
+    async def ext_authz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Envoy http_service / nginx auth_request / Traefik forwardAuth, straight on ASGI."""
         caller_der = (scope.get("extensions", {}).get("tls") or {}).get("client_cert_der")
         raw = scope_to_raw(scope, via=Via.SUBREQUEST, now=time.time(), caller_names=caller_names(caller_der))
         statuses = "401/403" if self.config.gateway.forwarded_request == "nginx" else "any"
         status, out_headers, body = http_authz.render(await self._check(raw), statuses=statuses)
-        return Response(body, status_code=status, headers=out_headers)
+        await answer(send, status, body, out_headers.items())
 
     def _untrusted_header(self, header: str, peer: str) -> None:
         self.metrics.untrusted_cert_headers.inc()
@@ -302,8 +316,9 @@ class Service:
         """The HTTP application as served: the routes, behind the caller gate on a TLS listener (callers
         outside ``allowed_callers``, or whose certificate is on pdp's revocation list, are refused)."""
         tls = self.config.server.tls
-        return caller_gate(self.app(), tls.allowed_callers, lambda: self.pdp.revocations) if tls is not None \
-            else self.app()
+        app = DecisionPaths(self.app(), check=self.check, ext_authz=self.ext_authz,
+                            prefix=self.config.gateway.ext_authz_prefix)
+        return caller_gate(app, tls.allowed_callers, lambda: self.pdp.revocations) if tls is not None else app
 
     def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
         """The uvicorn settings for this service's HTTP listener (TLS, the TLS scope extension, the gate)."""
@@ -398,9 +413,9 @@ class Service:
         return Starlette(
             routes=[
                 *extra,
-                Route(prefix, _AnyMethod(self.ext_authz)),
-                Route(prefix + "/{rest:path}", _AnyMethod(self.ext_authz)),
-                Route("/v1/check", self.check, methods=["POST"]),
+                Route(prefix, _Asgi(self.ext_authz)),
+                Route(prefix + "/{rest:path}", _Asgi(self.ext_authz)),
+                Route("/v1/check", _Asgi(self.check), methods=["POST"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
@@ -502,28 +517,28 @@ def worker_app() -> Any:
     return service.asgi_app()
 
 
-class _AnyMethod:
-    """An endpoint for every method, as received: an auth sub-request carries the original request's
-    method (``PROPFIND``, ``get``), which the one reader judges; the router must not answer 405 first."""
+class _Asgi:
+    """An ASGI endpoint as a route's app: every method as received (an auth sub-request carries the
+    original request's method, ``PROPFIND`` or ``get``, which the one reader judges; the router must not
+    answer 405 first), and the endpoint reads the scope itself."""
 
-    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
-        self._app = request_response(endpoint)
+    def __init__(self, endpoint: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._endpoint = endpoint
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self._app(scope, receive, send)
-
-
-class _Answer(JSONResponse):
-    """A decision document as ASCII JSON: whatever text a refusal quotes (a lone surrogate in a member
-    name of the request document), the answer can always be written."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+        await self._endpoint(scope, receive, send)
 
 
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _answer_json(send: Send, content: Any, status: int) -> None:
+    """A decision document as ASCII JSON: whatever text a refusal quotes (a lone surrogate in a member
+    name of the request document), the answer can always be written."""
+    body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+    await answer(send, status, body, content_type="application/json")
 
 
 class _TooLarge(Exception):
