@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
+import grpc
+import httpx
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import json_format
+from google.rpc import code_pb2
+from servers import serve_pdp
+from test_envoy_grpc import envoy_request
 
+from pdp.config import load_config
 from pdp.policy.engine import UNDEFINED
-from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
+from pdp.policy.result import MAX_METADATA_DEPTH, PolicyOutcome, PolicyResultError, read_outcome
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -205,3 +216,89 @@ def test_non_object_dynamic_metadata(meta: Any) -> None:
 def test_error_is_a_value_error() -> None:
     # callers that catch ValueError (the adapters) also catch a malformed policy answer
     assert issubclass(PolicyResultError, ValueError)
+
+
+def _nested(depth: int, leaf: Any = "x") -> dict[str, Any]:
+    """An object ``depth`` levels deep (itself level 1)."""
+    value: dict[str, Any] = {"leaf": leaf}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_dynamic_metadata_nested_deeper_than_the_bound_is_refused(allowed: bool) -> None:
+    assert read_outcome({"allowed": allowed, "dynamic_metadata": _nested(MAX_METADATA_DEPTH)}).allowed is allowed
+    with pytest.raises(PolicyResultError, match=f"nested deeper than {MAX_METADATA_DEPTH} levels"):
+        read_outcome({"allowed": allowed, "dynamic_metadata": _nested(MAX_METADATA_DEPTH + 1)})
+    lists: Any = ["x"]
+    for _ in range(MAX_METADATA_DEPTH - 1):
+        lists = [lists]
+    with pytest.raises(PolicyResultError, match="nested deeper"):
+        read_outcome({"allowed": allowed, "dynamic_metadata": {"l": lists}})
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+def test_dynamic_metadata_holding_a_number_that_is_not_finite_is_refused(number: float) -> None:
+    with pytest.raises(PolicyResultError, match="not finite"):
+        read_outcome({"allowed": False, "dynamic_metadata": {"a": [1, {"n": number}]}})
+
+
+def _deny_with_metadata(depth: int) -> str:
+    # From a string: regorus parses a deeply nested object literal in exponential time.
+    return ("package pdp.authz\n\nimport rego.v1\n\n"
+            f"result := {{\"allowed\": false, \"reason\": \"policy_denied\", "
+            f"\"dynamic_metadata\": json.unmarshal({json.dumps(json.dumps(_nested(depth)))})}}\n")
+
+
+@pytest.mark.integration
+def test_a_deny_with_deep_metadata_from_an_embedded_policy_is_a_check_response_envoy_can_parse(
+        write_setup: Any, tmp_path: Path) -> None:
+    """protobuf parsers stop at 100 levels: a CheckResponse carrying metadata deeper than that would fail
+    in Envoy, and with ``failure_mode_allow`` that is an allow. The deepest metadata read still parses
+    under the ``policy`` member the listener puts it in."""
+    answers: dict[int, Any] = {}
+    for depth in (MAX_METADATA_DEPTH, MAX_METADATA_DEPTH + 1, 60):
+        policy = tmp_path / f"deep{depth}" / "policy.rego"
+        policy.parent.mkdir()
+        policy.write_text(_deny_with_metadata(depth))
+        config = load_config(write_setup(engine="regorus", policy_paths=[str(policy.parent)]))
+        with serve_pdp(config) as (_, service), \
+                grpc.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:
+            check = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check",
+                                        request_serializer=lambda m: m.SerializeToString(),
+                                        response_deserializer=None)
+            answers[depth] = external_auth_pb2.CheckResponse.FromString(check(envoy_request(), timeout=10))
+    kept = answers.pop(MAX_METADATA_DEPTH)
+    assert kept.status.code == code_pb2.PERMISSION_DENIED and kept.status.message == "policy_denied"
+    assert json_format.MessageToDict(kept.dynamic_metadata)["policy"] == _nested(MAX_METADATA_DEPTH)
+    for refused in answers.values():
+        assert refused.status.code == code_pb2.PERMISSION_DENIED and refused.status.message == "policy_error"
+        assert "policy" not in json_format.MessageToDict(refused.dynamic_metadata)
+
+
+@pytest.mark.parametrize("member", ["headers", "response_headers_to_add"])
+@pytest.mark.parametrize("allowed", [True, False])
+@pytest.mark.parametrize("name", ["content-length", "Content-Length", "transfer-encoding", "connection", "keep-alive",
+                                  "upgrade", "te", "trailer", "proxy-connection"])
+def test_a_header_that_frames_the_message_is_refused(member: str, allowed: bool, name: str) -> None:
+    with pytest.raises(PolicyResultError, match="frames the message"):
+        read_outcome({"allowed": allowed, member: {name: "3"}})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("allowed", ["true", "false"])
+def test_a_policy_s_content_length_never_frames_the_ext_authz_answer(write_setup: Any, tmp_path: Path,
+                                                                     allowed: str) -> None:
+    """A deny carrying the policy's 'content-length: 3' was sent with no body under that length (h11
+    failed with a traceback on the console), and an allow with 'transfer-encoding' became chunked."""
+    policy = tmp_path / "frame" / "policy.rego"
+    policy.parent.mkdir()
+    policy.write_text("package pdp.authz\n\nimport rego.v1\n\n"
+                      f'result := {{"allowed": {allowed}, "headers": {{"content-length": "3", '
+                      '"transfer-encoding": "chunked"}}\n')
+    config = load_config(write_setup(engine="regorus", policy_paths=[str(policy.parent)]))
+    with serve_pdp(config) as (base, _):
+        answer = httpx.get(f"{base}/ext_authz/orders", headers={"host": "api.example.org"}, timeout=10)
+    assert answer.status_code == 403 and answer.headers["x-pdp-reason"] == "policy_error"
+    assert "transfer-encoding" not in answer.headers and answer.headers["content-length"] == str(len(answer.content))

@@ -9,7 +9,8 @@ Read as opa-envoy-plugin reads it (``envoyauth/response.go``), member by member:
 - ``request_headers_to_remove``, ``query_parameters_to_remove``: lists of strings (allow only);
 - ``query_parameters_to_set``: an object of strings or lists of strings (allow only);
 - ``http_status`` (an integer status) and ``body`` (a string): read on a deny only;
-- ``dynamic_metadata`` (an object);
+- ``dynamic_metadata`` (an object, nested at most ``MAX_METADATA_DEPTH`` levels, numbers finite: what
+  Envoy's protobuf parser reads in a ``CheckResponse``);
 - pdp's ``reason`` (a reason code string);
 - pdp's ``scope``, read on a deny only: the scope the request needs, a space-separated string or a list
   of strings, which goes into the RFC 6750 §3 challenge (``WWW-Authenticate: Bearer
@@ -26,6 +27,7 @@ joined with ``", "`` (RFC 9110 §5.3), except ``set-cookie``, whose further valu
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +38,15 @@ from pdp.policy.engine import Undefined
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: The deepest ``dynamic_metadata`` read (the object itself is level 1). Each level of an object is three
+#: levels of protobuf messages in a ``CheckResponse`` (``Value``, ``Struct``, the map entry), under the
+#: response's own and the ``policy`` member it goes in: 32 levels already reach protobuf's limit of 100.
+MAX_METADATA_DEPTH = 24
+#: Headers that frame an HTTP message or its connection (RFC 9110 §7.6.1, §8.6; RFC 9112 §6.1): a policy
+#: that set one would make pdp's own answer, or the request Envoy sends upstream, mean another length or
+#: another connection than the bytes carry (a broken answer, or a request smuggled past the upstream).
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+                             "te", "trailer", "proxy-connection"})
 #: Header names whose values cannot be joined into one line.
 _UNJOINABLE = frozenset({"set-cookie"})
 
@@ -76,6 +87,9 @@ def _header_pairs(value: Any, member: str) -> list[tuple[str, str]]:
         for name, v in obj.items():
             if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
                 raise PolicyResultError(f"'{member}' has an invalid header name {name!r}")
+            if name.lower() in FRAMING_HEADERS:
+                raise PolicyResultError(f"'{member}' sets {name.lower()!r}, which frames the message: the HTTP "
+                                        "stacks on the way set it, never a policy")
             if isinstance(v, list):
                 if not all(isinstance(x, str) for x in v):
                     raise PolicyResultError(f"'{member}.{name}' is not a list of strings")
@@ -136,6 +150,21 @@ def _scope(value: Any) -> str | None:
     return " ".join(tokens) or None
 
 
+def _check_metadata(meta: dict[str, Any]) -> None:
+    """Refuse metadata Envoy might not read: nested deeper than ``MAX_METADATA_DEPTH`` (protobuf parsers stop
+    at 100 levels of messages, and each level of a ``Struct`` is two or three), or holding a number that is
+    not finite (no JSON, no ``Struct`` value). Iterative: a policy's deep value cannot exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PolicyResultError("'dynamic_metadata' holds a number that is not finite")
+        if isinstance(value, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise PolicyResultError(f"'dynamic_metadata' is nested deeper than {MAX_METADATA_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
 def read_outcome(value: Any) -> PolicyOutcome:
     if isinstance(value, Undefined):
         return PolicyOutcome(allowed=False, reason=None)
@@ -152,6 +181,7 @@ def read_outcome(value: Any) -> PolicyOutcome:
     meta = value.get("dynamic_metadata", {})
     if not isinstance(meta, dict):
         raise PolicyResultError("'dynamic_metadata' must be an object")
+    _check_metadata(meta)
     headers, more_headers = _headers(value.get("headers"), "headers")
     response_headers, more_response = _headers(value.get("response_headers_to_add"), "response_headers_to_add")
     if allowed:
