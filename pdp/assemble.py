@@ -29,7 +29,9 @@ from pdp.errors import LoadError
 from pdp.pipeline import DecisionSink, Pdp
 from pdp.policy import callcheck, divergence, rego_ast
 from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle, tree_files
+from pdp.policy.opa_remote import remote_engine
 from pdp.policy.rego import probe_compile
+from pdp.policy.shadow import Trial
 from pdp.request_reader import GatewaySettings, RequestReader, UntrustedHeader
 from pdp.service.decision_log import DecisionLog
 from pdp.service.revocation_sync import initial_list
@@ -42,8 +44,19 @@ Fetch = Callable[[str], bytes]
 
 def load_policy(config: Config, *, probe: bool = True) -> PolicyEngine:
     p = config.policy
+    if p.dry_run:  # at start-up and on every reload: a policy that denies nothing must not go unnoticed
+        log.warning("policy.dry_run is on: the policy's denies are allowed and logged as 'would have been denied'")
+    if p.engine == "opa":  # the OPA server holds the policy: policy.paths and policy.data are not read
+        return remote_engine(p)
     bundle: PolicyBundle = load_bundle(p.paths, entrypoint=p.decision, engine=p.engine, data_files=p.data,
                                        rego_version=p.rego_version)
+    return checked_engine(bundle, probe=probe, name="policy", divergence_mode=p.divergence,
+                          cache_size=p.decision_cache_size)
+
+
+def checked_engine(bundle: PolicyBundle, *, probe: bool, name: str, divergence_mode: str,
+                   cache_size: int) -> PolicyEngine:
+    """The engine of a loaded bundle, after the load-time checks every policy pdp runs goes through."""
     if probe:
         probe_compile(bundle)
     if bundle.engine == "regorus":
@@ -51,14 +64,56 @@ def load_policy(config: Config, *, probe: bool = True) -> PolicyEngine:
         # something else here than on OPA (``policy.divergence`` = "warn" lets the latter through, logged).
         tree = rego_ast.parse(bundle.modules, rego_version=bundle.rego_version)
         callcheck.check(tree)
-        for found in divergence.check(tree, p.divergence):
-            log.warning("policy: %s", found)
-    return PolicyEngine(bundle, decision_cache_size=p.decision_cache_size)
+        for found in divergence.check(tree, divergence_mode):
+            log.warning("%s: %s", name, found)
+    return PolicyEngine(bundle, decision_cache_size=cache_size)
+
+
+def load_shadow_policy(config: Config, *, probe: bool = True) -> PolicyEngine | None:
+    """The ``[policy.shadow]`` policy, loaded and checked as the enforced one is (on its engine, with
+    its divergence setting and cache size); None when none is configured. A failure names a
+    ``policy.shadow.*`` key."""
+    shadow = config.policy.shadow
+    if shadow is None:
+        return None
+    try:
+        bundle = load_bundle(shadow.paths, entrypoint=shadow.decision, engine=config.policy.engine,
+                             key="policy.shadow.paths", data_files=shadow.data, rego_version=shadow.rego_version)
+        return checked_engine(bundle, probe=probe, name="policy.shadow", divergence_mode=config.policy.divergence,
+                              cache_size=config.policy.decision_cache_size)
+    except LoadError as exc:  # the checks name the enforced policy's keys: name the shadow's
+        own = exc.key.rsplit(".", 1)[-1]
+        key = exc.key if exc.key.startswith("policy.shadow.") else \
+            f"policy.shadow.{own if own in ('paths', 'data', 'rego_version', 'decision') else 'paths'}"
+        raise LoadError(key, exc.message) from exc
+
+
+def build_trial(config: Config, decision_log: DecisionLog, shadow: PolicyEngine | None = None) -> Trial | None:
+    """The shadow policy, dry run and input recording of ``config``, or None when all are off. The
+    shadow's process starts with its first input; ``Trial.close`` stops it."""
+    if shadow is None and not config.policy.dry_run and not config.log.include_input:
+        return None
+    return Trial(shadow=shadow, dry_run=config.policy.dry_run, decision_log=decision_log,
+                 include_input=config.log.include_input, redact_headers=config.log.redact_headers,
+                 shadow_timeout=config.policy.shadow.timeout if config.policy.shadow is not None else 1.0,
+                 shadow_cache_size=config.policy.decision_cache_size)
 
 
 def policy_files(config: Config) -> list[Path]:
-    files: list[Path] = list(config.policy.data)
-    for root in config.policy.paths:
+    opa = config.policy.opa
+    if config.policy.engine == "opa" and opa is not None:  # a new token (or CA) is a new remote engine
+        return [f for f in (opa.token_file, opa.ca) if f is not None]
+    return _listed_files(config.policy.paths, config.policy.data)
+
+
+def shadow_policy_files(config: Config) -> list[Path]:
+    shadow = config.policy.shadow
+    return [] if shadow is None else _listed_files(shadow.paths, shadow.data)
+
+
+def _listed_files(paths: tuple[Path, ...], data: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = list(data)
+    for root in paths:
         if root.is_dir():
             files += [f for f in tree_files(root) if f.suffix in (".rego", ".json")]
         else:
@@ -212,12 +267,17 @@ def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[Decisi
     closers = [c.close for c in keys.clients] + [
         i.introspect.close for i in tokens.opaque_issuers if isinstance(i.introspect, IntrospectionClient)] + [
         certificates.close]
-    return Pdp(
+    decision_log = DecisionLog(config.log.decisions)
+    policy = load_policy(config, probe=probe)
+    trial = build_trial(config, decision_log, load_shadow_policy(config, probe=probe))
+    if trial is not None:
+        closers.append(trial.close)  # the shadow's process
+    pdp = Pdp(
         certificates=certificates,
         tokens=tokens,
-        policy=load_policy(config, probe=probe),
+        policy=policy,
         settings=config.decision,
-        decision_log=DecisionLog(config.log.decisions),
+        decision_log=decision_log,
         sinks=sinks,
         dpop=config.dpop,
         store=store,
@@ -226,3 +286,5 @@ def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[Decisi
         revocations=initial_list(store),
         inventory=recorder,
     )
+    pdp.trial = trial
+    return pdp

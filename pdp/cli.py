@@ -414,6 +414,48 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return 0 if results and all(r.outcome == "PASS" for r in results) else EXIT_DENY
 
 
+# -- policy diff
+def cmd_policy_diff(args: argparse.Namespace) -> int:
+    """Replay the recorded inputs of --requests through OLD and NEW: 0 none differ, 1 some do, 2 error."""
+    from pdp.assemble import checked_engine
+    from pdp.policy.diff import replay
+    from pdp.policy.engine import PolicyEngine, load_bundle
+
+    def engine(name: str, path: str) -> PolicyEngine | None:
+        try:
+            bundle = load_bundle([Path(path)], entrypoint=args.decision, engine=args.engine, key=name,
+                                 data_files=[Path(d) for d in args.data], rego_version=args.rego_version)
+            return checked_engine(bundle, probe=True, name=name, divergence_mode=args.divergence, cache_size=10_000)
+        except ConfigError as exc:
+            print(f"pdp policy diff: {name} ({path}): {exc.message}", file=sys.stderr)
+            return None
+
+    old, new = engine("OLD", args.old), engine("NEW", args.new)
+    if old is None or new is None:
+        return EXIT_ERROR
+    try:
+        stream = sys.stdin if args.requests == "-" else open(args.requests, encoding="utf-8",
+                                                                 errors="replace")
+    except OSError as exc:
+        print(f"pdp policy diff: --requests {args.requests}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        counts = replay(old, new, stream, _print)
+    except OSError as exc:
+        print(f"pdp policy diff: --requests {args.requests}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    skipped = f"; {counts.skipped} line(s) skipped (not an input)" if counts.skipped else ""
+    _print(f"{counts.replayed} input(s) replayed: {counts.different} differ, "
+           f"{counts.replayed - counts.different} the same{skipped} (old {old.version}, new {new.version})")
+    if counts.replayed == 0:
+        print(f"pdp policy diff: --requests {args.requests}: no recorded input to replay", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_DENY if counts.different else 0
+
+
 # -- config check
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Load everything ``pdp serve`` would load from FILE (policy, trust bundles, JWKS and key files),
@@ -597,6 +639,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v0-compatible", action="store_true",
                    help="read the modules as Rego v0, as opa test --v0-compatible")
     p.set_defaults(func=cmd_policy_test, command_parser=p)
+    p = pol.add_parser("diff", help="replay recorded inputs through two policies; exit 0 none differ, 1 some "
+                                    "do, 2 error")
+    p.add_argument("old", metavar="OLD", help="the policy in force: a folder or a .rego file")
+    p.add_argument("new", metavar="NEW", help="the policy to compare: a folder or a .rego file")
+    p.add_argument("--requests", required=True, metavar="FILE",
+                   help="JSON lines: input documents, or decision lines with an 'input' member "
+                        "(log.include_input = true); - for stdin")
+    p.add_argument("--data", action="append", default=[], metavar="FILE", help="a JSON data document for both")
+    p.add_argument("--decision", default="pdp/authz/result", help="the entrypoint (default pdp/authz/result)")
+    p.add_argument("--engine", choices=["regopy", "regorus"], default="regorus")
+    p.add_argument("--rego-version", choices=["v1", "v0"], default="v1")
+    p.add_argument("--divergence", choices=["refuse", "warn"], default="refuse",
+                   help="constructs regorus reads otherwise than OPA: refuse the policy (default), or warn")
+    p.set_defaults(func=cmd_policy_diff, command_parser=p)
 
     conf = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
     p = conf.add_parser("check", help="load a config as `pdp serve` would, without listening; exit 0 ok, 2 error")

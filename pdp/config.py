@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from pdp.credentials.rfc9449 import DpopSettings
 from pdp.credentials.shared_introspection import decode_secret
 from pdp.pipeline import DecisionSettings, UpstreamHeaders
 from pdp.policies import DEFAULT_POLICY_DIR
-from pdp.policy.engine import ENGINES, REGO_VERSIONS
+from pdp.policy.engine import ENGINES, REGO_VERSIONS, entrypoint_query
 from pdp.service.brute_force import LockoutSettings
 from pdp.service.listener_tls import ListenerTls, identity_key
 
@@ -64,6 +65,38 @@ class PolicyConfig:
     divergence: str = "refuse"
     #: The Rego version the modules are written in: "v1" (OPA 1.x) or "v0" (not yet migrated; regorus only).
     rego_version: str = "v1"
+    #: A policy's own denies are allowed and logged as "would have been denied" (``pdp.policy.shadow``).
+    dry_run: bool = False
+    #: ``[policy.shadow]``: a second policy evaluated beside this one, never changing the answer.
+    shadow: ShadowPolicyConfig | None = None
+    #: ``[policy.opa]``: the OPA server that decides when ``engine = "opa"`` (``pdp.policy.opa_remote``).
+    opa: OpaConfig | None = None
+
+
+@dataclass(frozen=True)
+class OpaConfig:
+    """``[policy.opa]``: a remote OPA server's REST Data API, asked for every decision."""
+
+    url: str
+    #: Seconds for one whole exchange (connect, send, the last byte of the answer); past it: denied.
+    timeout: float = 0.5
+    #: The bearer token for OPA's ``--authentication=token`` is read from this file (at start and on reload).
+    token_file: Path | None = None
+    #: The CA certificates that sign an https OPA server's certificate (default: the bundle requests ships).
+    ca: Path | None = None
+    max_answer_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShadowPolicyConfig:
+    """``[policy.shadow]``: on the enforced policy's engine, with its own modules, data and entrypoint."""
+
+    paths: tuple[Path, ...]
+    data: tuple[Path, ...] = ()
+    decision: str = "pdp/authz/result"
+    rego_version: str = "v1"
+    #: Seconds the shadow may take on one input (in its own process); past it the process is replaced.
+    timeout: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +218,10 @@ class InventoryConfig:
 class LogConfig:
     level: str = "info"
     decisions: bool = True
+    #: Add the policy's input document, credentials redacted, to each decision line (``pdp policy diff``).
+    include_input: bool = False
+    #: Further request headers (lower-case names) whose values a recorded input never holds.
+    redact_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -392,9 +429,77 @@ def _policy(t: _Table, base: Path) -> PolicyConfig:
         raise ConfigError(t.key("rego_version"), f"must be one of {', '.join(REGO_VERSIONS)}")
     if rego_version == "v0" and engine != "regorus":
         raise ConfigError(t.key("rego_version"), "\"v0\" needs engine = \"regorus\" (regopy reads Rego v1 only)")
+    dry_run = t.flag("dry_run", PolicyConfig.dry_run)
+    shadow = _shadow_policy(t.table("shadow"), base, engine, decision, rego_version) if "shadow" in t.data else None
+    opa = _opa(t.table("opa"), base) if "opa" in t.data else None
+    if engine == "opa":
+        if opa is None:
+            raise ConfigError(t.key("opa.url"), "is required when engine = \"opa\" (the OPA server to ask)")
+        if not all(_REGO_NAME.fullmatch(part) for part in decision.strip().removeprefix("data.").strip("/")
+                   .replace(".", "/").split("/")):
+            raise ConfigError(t.key("decision"), "must be a path of Rego names (pdp/authz/result) for engine = \"opa\"")
+        if entrypoint_query(decision) in ("data", "data."):
+            raise ConfigError(t.key("decision"), "names the whole data tree: name the decision's rule "
+                                                 "(pdp/authz/result)")
     t.done()
     return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision, decision_cache_size=cache,
-                        divergence=divergence, rego_version=rego_version)
+                        divergence=divergence, rego_version=rego_version, dry_run=dry_run, shadow=shadow, opa=opa)
+
+
+_REGO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_URL_SEGMENT = re.compile(r"(?!\.\.?$)[A-Za-z0-9._~-]+")
+
+
+def _opa(t: _Table, base: Path) -> OpaConfig:
+    url = t.text("url", required=True)
+    assert url is not None
+    if any(c.isspace() or not c.isprintable() for c in url) or "?" in url or "#" in url:
+        raise ConfigError(t.key("url"), "holds spaces, control characters, a query ('?') or a fragment ('#')")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is no number or out of range)
+    except ValueError as exc:
+        raise ConfigError(t.key("url"), f"is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(t.key("url"), "must be an http:// or https:// URL naming a host")
+    if parts.query or parts.fragment or parts.username is not None or parts.password is not None:
+        raise ConfigError(t.key("url"), "takes no query, fragment or user name (the token goes in token_file)")
+    # A path is the prefix OPA is served under (behind a reverse proxy): plain segments, without OPA's /v1.
+    segments = [s for s in parts.path.split("/") if s]
+    if not all(_URL_SEGMENT.fullmatch(s) for s in segments) or "".join(f"/{s}" for s in segments) \
+            != parts.path.rstrip("/"):
+        raise ConfigError(t.key("url"), f"path {parts.path!r} is not a plain prefix (letters, digits, '-', '_', "
+                                        "'.', '~' between single '/'; no '.' or '..' segment, no escapes)")
+    if segments and segments[-1] == "v1":
+        raise ConfigError(t.key("url"), "must be OPA's base URL, without /v1 (pdp adds /v1/data/...)")
+    url = f"{parts.scheme}://{url.split('://', 1)[1]}"  # the scheme in lower case (RFC 3986 §3.1)
+    token_file, ca = t.text("token_file"), t.text("ca")
+    if ca is not None and parts.scheme != "https":
+        raise ConfigError(t.key("ca"), "only goes with an https:// url")
+    cfg = OpaConfig(url=url.rstrip("/"), timeout=t.number("timeout", OpaConfig.timeout, minimum=0.01),
+                    token_file=_path(base, token_file) if token_file else None,
+                    ca=_path(base, ca) if ca else None,
+                    max_answer_bytes=t.integer("max_answer_bytes", OpaConfig.max_answer_bytes, minimum=1024))
+    t.done()
+    return cfg
+
+
+def _shadow_policy(t: _Table, base: Path, engine: str, decision: str, rego_version: str) -> ShadowPolicyConfig:
+    if engine not in ("regorus", "regopy"):  # evaluated in process beside the enforced policy, on its engine
+        raise ConfigError(t.path, f"needs an embedded engine (regorus or regopy), not policy.engine = {engine!r}")
+    paths = tuple(_path(base, p) for p in t.strings("paths"))
+    if not paths:
+        raise t.missing("paths", "is required: the shadow policy's folders or .rego files")
+    version = t.text("rego_version", rego_version) or rego_version
+    if version not in REGO_VERSIONS:
+        raise ConfigError(t.key("rego_version"), f"must be one of {', '.join(REGO_VERSIONS)}")
+    if version == "v0" and engine != "regorus":
+        raise ConfigError(t.key("rego_version"), "\"v0\" needs engine = \"regorus\" (regopy reads Rego v1 only)")
+    cfg = ShadowPolicyConfig(paths=paths, data=tuple(_path(base, p) for p in t.strings("data")),
+                             decision=t.text("decision", decision) or decision, rego_version=version,
+                             timeout=t.number("timeout", ShadowPolicyConfig.timeout, minimum=0.01))
+    t.done()
+    return cfg
 
 
 def _certificates(t: _Table, base: Path) -> CertificatesConfig:
@@ -725,11 +830,19 @@ def _inventory(t: _Table) -> InventoryConfig:
     return cfg
 
 
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1 field-name
+
+
 def _log(t: _Table) -> LogConfig:
     level = (t.text("level", "info") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(t.key("level"), "must be debug, info, warning or error")
-    cfg = LogConfig(level=level, decisions=t.flag("decisions", True))
+    redact = t.strings("redact_headers")
+    if not all(_HEADER_TOKEN.fullmatch(name) for name in redact):
+        raise ConfigError(t.key("redact_headers"), "must be a list of header names")
+    cfg = LogConfig(level=level, decisions=t.flag("decisions", True),
+                    include_input=t.flag("include_input", LogConfig.include_input),
+                    redact_headers=tuple(name.lower() for name in redact))
     t.done()
     return cfg
 

@@ -37,6 +37,7 @@ from pdp.errors import Denied, NeedsNetwork
 from pdp.policy.engine import PolicyEngine, PolicyEvalError
 from pdp.policy.input import build_input
 from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
+from pdp.policy.shadow import Trial
 from pdp.reasons import Reason
 from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, RequestReader
@@ -95,7 +96,7 @@ DecisionSink = Callable[[Decision, float], None]
 
 
 class _Trace:
-    __slots__ = ("dpop", "identity", "raw_token", "steps", "token")
+    __slots__ = ("dpop", "identity", "raw_token", "reviewed", "steps", "token")
 
     def __init__(self) -> None:
         self.steps: list[Step] = []
@@ -103,6 +104,7 @@ class _Trace:
         self.token: VerifiedToken | None = None
         self.raw_token = ""
         self.dpop = False  # the request used the DPoP authorization scheme
+        self.reviewed: PolicyOutcome | None = None  # the policy's outcome as the trial saw it (``Pdp.trial``)
 
     def ok(self, name: str, detail: str) -> None:
         self.steps.append(Step(name, True, detail))
@@ -110,6 +112,9 @@ class _Trace:
 
 class Pdp:
     """The decision point. Build it once (``pdp.config.build_pdp``); call ``decide()`` from any thread."""
+
+    #: A shadow policy, dry run or recorded inputs (``pdp.policy.shadow``); None when all are off.
+    trial: Trial | None = None
 
     def __init__(self, *, certificates: ChainVerifier, tokens: TokenVerifier, policy: PolicyEngine,
                  settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
@@ -137,6 +142,7 @@ class Pdp:
         """Release what this decision point opened (HTTP clients for key sets and introspection)."""
         for close in self._closers:
             close()
+        self.policy.close()  # the policy in force now: a reload may have replaced the one built with
 
     def decide(self, request: CheckRequest, *, network: bool = True) -> Decision:
         """Decide on ``request``. Never raises, except ``NeedsNetwork`` when ``network`` is False
@@ -146,6 +152,10 @@ class Pdp:
         trace = _Trace()
         policy = self.policy  # one policy version for the whole decision, even during a reload
         try:
+            if not network and policy.needs_network:
+                # A remote policy engine is a network wait on every decision: defer before any step, so
+                # that a DPoP proof is checked (and its jti recorded) once, by the decision that waits.
+                raise NeedsNetwork("policy")
             self._check_request(request)
             trace.identity = self._identity(request, trace, network)
             trace.token = self._credential(request, trace, network)
@@ -192,8 +202,13 @@ class Pdp:
     def _record(self, decision: Decision, request: CheckRequest, trace: _Trace, policy_version: str,
                 duration: float) -> None:
         try:
+            # The trial (shadow, dry run, recorded input) sees the decision actually made; what it adds to
+            # this decision's line travels with the decision, never kept anywhere for later.
+            members = self.trial.decided(decision, request, trace.reviewed) \
+                if self.trial is not None and trace.reviewed is not None else ""
             if self.decision_log.enabled:
-                self.decision_log.write(decision, request, trace.identity, trace.token, policy_version, duration)
+                self.decision_log.write(decision, request, trace.identity, trace.token, policy_version, duration,
+                                        members)
             for sink in self.sinks:
                 sink(decision, duration)
         except Exception:
@@ -313,6 +328,8 @@ class Pdp:
         verdict = "allowed" if outcome.allowed else f"denied ({outcome.reason or 'policy_denied'})"
         again = " (the same facts as a decision before)" if seen else ""
         trace.steps.append(Step("policy", outcome.allowed, f"{verdict} by policy {policy.version}{again}"))
+        if self.trial is not None:
+            outcome = trace.reviewed = self.trial.review(doc, outcome, policy.version, trace.steps)
         return outcome
 
     # -- 5. decision

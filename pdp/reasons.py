@@ -108,6 +108,8 @@ STORE_UNAVAILABLE = _r("store_unavailable", 503, description="shared state is un
 # -- policy
 POLICY_DENIED = _r("policy_denied", 403, description="denied by policy")
 POLICY_ERROR = _r("policy_error", 403, description="the policy could not be evaluated")
+#: ``policy.engine = "opa"``: the OPA server did not answer, or not with a decision, within ``policy.opa.timeout``.
+POLICY_UNAVAILABLE = _r("policy_unavailable", 503, description="the policy engine is unavailable; denied")
 TOKEN_REQUIRED = _r("token_required", 401, None, True, "an access token is required")
 CERT_REQUIRED = _r("cert_required", 403, description="a client certificate is required")
 SCOPE_INSUFFICIENT = _r("insufficient_scope", 403, "insufficient_scope", True,

@@ -289,7 +289,7 @@ def test_good_server_http(listen: str) -> None:
     assert parse_config({"server": {"http": listen}}, BASE).server.http == listen
 
 
-@pytest.mark.parametrize("engine", ["opa", "REGORUS", "rego", ""])
+@pytest.mark.parametrize("engine", ["OPA", "REGORUS", "rego", ""])
 def test_bad_policy_engine(engine: str) -> None:
     assert error_of({"policy": {"engine": engine}}).key == "policy.engine"
 

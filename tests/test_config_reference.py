@@ -57,7 +57,11 @@ def full_config(tmp: Path) -> dict[str, Any]:
                    "tls": {"cert": "listener.pem", "key": "listener.key", "client_ca": "callers.pem",
                            "allowed_callers": ["spiffe://example.org/gateway"]}},
         "policy": {"engine": "regorus", "paths": ["policy"], "data": ["extra.json"], "decision": "pdp/authz/allow",
-                   "decision_cache_size": 0, "divergence": "warn", "rego_version": "v0"},
+                   "decision_cache_size": 0, "divergence": "warn", "rego_version": "v0", "dry_run": True,
+                   "shadow": {"paths": ["next"], "data": ["next.json"], "decision": "pdp/authz/next",
+                              "rego_version": "v1", "timeout": 2.5},
+                   "opa": {"url": "https://opa.example:8181", "timeout": 0.3, "token_file": "opa.token",
+                           "ca": "opa-ca.pem", "max_answer_bytes": 4096}},
         "certificates": {"max_chain_depth": 2, "cache_size": 0, "trust_bundles": [
             {"file": "ca.pem", "name": "example", "trust_domain": "example.org", "intermediates": "inter.pem",
              "crls": ["inter.crl"], "require_crl": True, "revocation": "soft", "ocsp": False,
@@ -97,7 +101,7 @@ def full_config(tmp: Path) -> dict[str, Any]:
                         {"client_id": "e", "tls_client_auth_san_ip": "10.0.0.1"},
                         {"client_id": "f", "tls_client_auth_san_email": "f@example.org"}]},
         "store": {"url": "redis://127.0.0.1:6379/15", "prefix": "test:", "timeout": 0.5, "secret": "ab" * 32},
-        "log": {"level": "debug", "decisions": False},
+        "log": {"level": "debug", "decisions": False, "include_input": True, "redact_headers": ["x-tenant-key"]},
         "inventory": {"enabled": False, "max_identities": 10, "update_interval": 5, "keep_expired": 0},
     }
 

@@ -22,7 +22,8 @@ from pdp.credentials.jose import unicode_text
 from pdp.errors import LoadError
 from pdp.policy.decision_cache import DecisionCache
 
-ENGINES = ("regopy", "regorus")
+#: "opa" asks a remote OPA server instead (``pdp.policy.opa_remote``).
+ENGINES = ("regopy", "regorus", "opa")
 #: Rego language versions a bundle may be written in (``policy.rego_version``); v0 needs regorus.
 REGO_VERSIONS = ("v1", "v0")
 
@@ -172,6 +173,9 @@ def _thread_evaluators() -> dict[str, Evaluator]:
 class PolicyEngine:
     """Evaluates one bundle from any thread, compiling a per-thread evaluator on first use."""
 
+    #: Whether ``evaluate`` waits on the network (a remote engine): ``Pdp.decide(network=False)`` then defers.
+    needs_network = False
+
     def __init__(self, bundle: PolicyBundle, *, decision_cache_size: int = 0) -> None:
         from pdp.policy.rego import compile_evaluator
 
@@ -195,6 +199,9 @@ class PolicyEngine:
 
     def evaluate(self, input_doc: dict[str, Any]) -> Any:
         return self._evaluator().evaluate(input_doc)
+
+    def close(self) -> None:
+        """Release what evaluating holds open (nothing in process; a remote engine's connections)."""
 
     def query(self, ref: str, input_doc: dict[str, Any] | None = None) -> Any:
         return self._evaluator().query(ref, input_doc)

@@ -7,7 +7,8 @@
 - on regorus, the lines of the modules the engine evaluated for this input, from its coverage report
   (``Engine.set_enable_coverage``): a line is listed when an expression on it was evaluated, whether it
   held or not, so the lines show how far evaluation went, not which rule gave the answer. The answer
-  itself (its ``reason``, its ``scope``) says that. regopy keeps no such record.
+  itself (its ``reason``, its ``scope``) says that. regopy keeps no such record;
+- under ``policy.dry_run``, that a deny of the policy was let through (``dry_run``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ ABSENT = _Absent()
 def facts(bundle: PolicyBundle, doc: dict[str, Any]) -> dict[str, Any] | None:
     """``input.x.y`` → the value at that path of ``doc`` (``ABSENT`` where it has none), for every path the
     modules read; None when they read ``input`` whole or call a builtin whose answer is not a function of
-    its arguments (then every fact may count)."""
+    its arguments (then every fact may count), and for a remote engine, whose modules pdp never sees."""
+    if bundle.engine == "opa":
+        return None
     paths = input_paths(source for _, source in bundle.modules)
     if paths is None:
         return None
@@ -144,6 +147,14 @@ def not_evaluated(decision: Decision) -> str:
     return "the policy was not evaluated"
 
 
+def dry_run(decision: Decision) -> str | None:
+    """What dry run did to ``decision`` (its ``dry_run`` step), or None when it did nothing."""
+    step = next((s for s in decision.steps if s.name == "dry_run"), None)
+    if step is None:
+        return None
+    return f"DRY RUN (policy.dry_run = true): the policy denied this request and pdp let it through: {step.detail}"
+
+
 def explanation(bundle: PolicyBundle, evaluations: list[Evaluation], decision: Decision) -> dict[str, Any]:
     """The policy step of ``decision`` for ``pdp check --explain --json``: ``evaluated``, ``answer``,
     ``facts`` (null when the policy reads ``input`` whole) and ``lines`` (null when the engine cannot
@@ -155,6 +166,7 @@ def explanation(bundle: PolicyBundle, evaluations: list[Evaluation], decision: D
     lines = evaluated_lines(bundle, last.input)
     return {
         "evaluated": True,
+        "dry_run": dry_run(decision),
         "answer": None if isinstance(last.answer, Undefined) else last.answer,
         "facts": None if read is None else {k: None if v is ABSENT else v for k, v in read.items()},
         "lines": None if lines is None else [{"module": x.module, "line": x.number, "text": x.text} for x in lines],
@@ -167,8 +179,13 @@ def explanation_lines(bundle: PolicyBundle, evaluations: list[Evaluation], decis
         return [not_evaluated(decision)]
     last = evaluations[-1]
     out = [f"policy answer: {answer_text(last.answer)}"]
+    if (said := dry_run(decision)) is not None:
+        out.append(said)
     read = facts(bundle, last.input)
-    if read is None:
+    if read is None and bundle.engine == "opa":
+        out.append("facts the policy read: unknown (the remote policy may read anything in input, and data "
+                   "pdp does not see)")
+    elif read is None:
         out.append("facts the policy read: all of input (it reads input whole, or calls a builtin such as "
                    "time.now_ns)")
     else:

@@ -3,7 +3,9 @@
 Credentials are never written: a certificate appears as its RFC 8705
 thumbprint and SPIFFE ID, a token as its ``jti``, issuer, subject and a
 truncated hash; the request path is logged without its query string, and no
-header values are logged at all.
+header values are logged at all. With ``log.include_input`` a line also holds the policy's input
+document, its credentials redacted (``pdp.policy.redaction``); under ``policy.dry_run`` a line says
+when the policy would have denied. Those members come with the decision (``members``), never kept here.
 
 As served (``setup_logging``), lines go to standard output through a
 ``DecisionStream``: written to the stream's buffer on the request's path and
@@ -49,10 +51,15 @@ class DecisionLog:
         self._certs: dict[tuple[str, str], str] = {}
         self._tokens: dict[str, str] = {}
 
+    def writing(self) -> bool:
+        """Whether a decision's line is written now (a line's extra members are only worth making then)."""
+        return self.enabled and logger.isEnabledFor(logging.INFO)
+
     def write(self, decision: Decision, request: CheckRequest, identity: CertIdentity | None,
-              token: VerifiedToken | None, policy_version: str | None, duration_s: float) -> None:
+              token: VerifiedToken | None, policy_version: str | None, duration_s: float, members: str = "") -> None:
+        """Write the decision's line; ``members`` (JSON text: ``,"name":value``...) are added to it."""
         if self.enabled and logger.isEnabledFor(logging.INFO):
-            line = self.line(decision, request, identity, token, policy_version, duration_s)
+            line = self.line(decision, request, identity, token, policy_version, duration_s, members)
             handlers = logger.handlers
             if len(handlers) == 1 and type(handlers[0]) is DecisionStream and not logger.filters:
                 handlers[0].write_line(line)
@@ -60,7 +67,7 @@ class DecisionLog:
                 logger.handle(logging.LogRecord(logger.name, logging.INFO, "", 0, line, None, None))
 
     def line(self, decision: Decision, request: CheckRequest, identity: CertIdentity | None,
-             token: VerifiedToken | None, policy_version: str | None, duration_s: float) -> str:
+             token: VerifiedToken | None, policy_version: str | None, duration_s: float, members: str = "") -> str:
         steps = ",".join(f'"{s.name}:{"ok" if s.ok else "fail"}"' for s in decision.steps)
         text = (f'{{"ts":{round(request.time, 3)},"decision_id":"{decision.decision_id}",'
                 f'"allowed":{"true" if decision.allowed else "false"},"status":{decision.status},'
@@ -73,7 +80,7 @@ class DecisionLog:
             text += ',"cert":' + self._cert(identity)
         if token is not None:
             text += ',"token":' + self._token(token)
-        return text + "}"
+        return text + members + "}"
 
     def _cert(self, identity: CertIdentity) -> str:
         key = (identity.thumbprint, identity.trust_bundle)

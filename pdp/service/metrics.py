@@ -116,6 +116,14 @@ class Metrics:
         self.inventory_dropped = Counter(
             "pdp_inventory_dropped", "New client identities not recorded because the inventory is full.",
             registry=self.registry)
+        self.shadow_decisions = Counter(
+            "pdp_shadow_decisions",
+            "Decisions the shadow policy ([policy.shadow]) answered the 'same' as the enforced one, 'different'ly, "
+            "or could not answer ('error': it failed or took longer than policy.shadow.timeout), and decisions not "
+            "compared because its queue was full ('skipped').", ["result"], registry=self.registry)
+        self.dry_run_allows = Counter(
+            "pdp_dry_run_allows", "Requests the policy denied and policy.dry_run let through, by the deny's reason.",
+            ["reason"], registry=self.registry)
         self._by_outcome: dict[tuple[bool, str], Any] = {}
         self._policy_reasons: set[str] = set()
         self._synced: dict[tuple[int, tuple[str, ...]], int] = {}
@@ -151,6 +159,19 @@ class Metrics:
             self._policy_reasons.add(code)
             return code
         return reasons.ALLOWED.code if decision.allowed else reasons.POLICY_DENIED.code
+
+    def shadow_compared(self, result: str) -> None:
+        """A shadow policy's answer was compared (``same``, ``different``, ``error``), or not (``skipped``)."""
+        self.shadow_decisions.labels(result).inc()
+
+    def dry_run_allowed(self, reason: str) -> None:
+        """Dry run allowed a deny of ``reason`` (bounded as ``pdp_decisions_total``'s reasons are)."""
+        if not (reasons.is_known(reason) or reason in self._policy_reasons):
+            if len(self._policy_reasons) < POLICY_REASONS and _CODE.fullmatch(reason):
+                self._policy_reasons.add(reason)
+            else:
+                reason = reasons.POLICY_DENIED.code
+        self.dry_run_allows.labels(reason).inc()
 
     def set_policy(self, version: str, engine: str) -> None:
         if self._folder is None:

@@ -39,8 +39,10 @@ from pdp.assemble import (
     build_pdp,
     load_jwks_file,
     load_policy,
+    load_shadow_policy,
     load_trust,
     policy_files,
+    shadow_policy_files,
 )
 from pdp.certificates.identity import CertIdentity
 from pdp.config import Config
@@ -48,6 +50,8 @@ from pdp.credentials.jwks import RemoteKeySource, StaticKeySource, refresh_wait
 from pdp.decision import Decision
 from pdp.errors import Denied, NeedsNetwork
 from pdp.pipeline import Pdp
+from pdp.policy.engine import PolicyEngine
+from pdp.policy.opa_remote import RemoteEngine
 from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, Via
 from pdp.service.admin import Admin
@@ -95,6 +99,9 @@ class Service:
             lockout, MemoryStore(lockout.max_tracked) if isinstance(self.pdp.store, MemoryStore) else self.pdp.store,
             on_lockout=lambda scope: self.metrics.introspection_lockouts.labels(scope).inc())
         self.metrics.set_policy(self.pdp.policy.version, config.policy.engine)
+        self._follow_revision(self.pdp.policy)
+        if self.pdp.trial is not None:  # the shadow's comparisons and dry run's allows are counted
+            self.pdp.trial.observer = self.metrics
         self.store_health = StoreHealth(self.pdp.store, on_probe=self.metrics.store_probed)
         self.reloader = Reloader(self._watched(), config.server.reload_interval, self._reloaded)
         self.revocation_sync = RevocationSync(self.pdp.store, self.pdp.revocations)
@@ -112,6 +119,8 @@ class Service:
         cfg = self.config
         parts = [
             Watched("policy", lambda: policy_files(cfg), self._reload_policy),
+            *([Watched("policy.shadow", lambda: shadow_policy_files(cfg), self._reload_shadow)]
+              if cfg.policy.shadow is not None else []),
             Watched("trust_bundles", lambda: [f for b in cfg.certificates.trust_bundles
                                               for f in (b.file, b.intermediates, *b.crls) if f is not None],
                     lambda: self.pdp.certificates.replace_bundles(load_trust(cfg))),
@@ -124,8 +133,22 @@ class Service:
 
     def _reload_policy(self) -> None:
         engine = load_policy(self.config)
-        self.pdp.policy = engine
+        old, self.pdp.policy = self.pdp.policy, engine
         self.metrics.set_policy(engine.version, self.config.policy.engine)
+        self._follow_revision(engine)
+        if isinstance(old, RemoteEngine):  # its connections close as their decisions end
+            old.on_revision = None
+            old.close()
+
+    def _follow_revision(self, engine: PolicyEngine) -> None:
+        # A remote engine's version is the revision OPA names, which changes without a reload.
+        if isinstance(engine, RemoteEngine):
+            engine.on_revision = lambda revision: self.metrics.set_policy(revision, "opa")
+
+    def _reload_shadow(self) -> None:
+        shadow = load_shadow_policy(self.config)  # a failure keeps the last good one (``Reloader``)
+        if self.pdp.trial is not None:
+            self.pdp.trial.shadow = shadow
 
     def _jwks_reloader(self, issuer: str, path: Path, index: int) -> Callable[[], None]:
         def reload() -> None:
@@ -236,12 +259,19 @@ class Service:
         # The store is probed at most once a second, however often this is asked (a blocking read: from a
         # worker thread, as readyz calls it).
         store = self.store_health.state()
+        # A remote OPA (policy.engine = "opa") must answer too: its /health, probed at most once a second.
+        opa = pdp.policy.health() if isinstance(pdp.policy, RemoteEngine) else None
         return {
             "ready": pdp.policy is not None and len(pdp.certificates.bundles)
-            == len(self.config.certificates.trust_bundles) and store.ok and self.revocation_sync.ready,
+            == len(self.config.certificates.trust_bundles) and store.ok and self.revocation_sync.ready
+            and (opa is None or opa["ok"]),
+            **({"opa": opa} if opa is not None else {}),
             "store": store.as_dict(),
-            "policy_version": pdp.policy.version,
+            "policy_version": pdp.policy.latest_version if isinstance(pdp.policy, RemoteEngine)
+            else pdp.policy.version,
             "engine": self.config.policy.engine,
+            "dry_run": self.config.policy.dry_run,
+            "shadow_policy_version": pdp.trial.shadow.version if pdp.trial and pdp.trial.shadow else None,
             "trust_bundles": [b.name for b in pdp.certificates.bundles],
             "issuers": jwks,
             "revocations": self.revocation_sync.status(),
