@@ -36,7 +36,7 @@ from pdp.decision import Decision, Step, new_decision_id
 from pdp.errors import Denied, NeedsNetwork
 from pdp.policy.engine import PolicyEngine, PolicyEvalError
 from pdp.policy.input import build_input
-from pdp.policy.result import PolicyOutcome, PolicyResultError, read_outcome
+from pdp.policy.result import PolicyOutcome, PolicyResultError, decided_outcome
 from pdp.policy.shadow import Trial
 from pdp.reasons import Reason
 from pdp.request import CheckRequest
@@ -314,17 +314,10 @@ class Pdp:
     def _policy(self, policy: PolicyEngine, request: CheckRequest, trace: _Trace,
                 binding: dict[str, Any]) -> PolicyOutcome:
         doc = build_input(request, trace.identity, trace.token, binding)
-        cache = policy.decisions
-        key = cache.key(doc) if cache is not None else ""
-        outcome: PolicyOutcome | None = cache.get(key) if cache is not None else None
-        seen = outcome is not None
-        if outcome is None:
-            try:
-                outcome = read_outcome(policy.evaluate(doc))
-            except (PolicyEvalError, PolicyResultError) as exc:
-                raise Denied(reasons.POLICY_ERROR, str(exc)) from exc
-            if cache is not None:
-                cache.put(key, outcome)
+        try:
+            outcome, seen = decided_outcome(policy, doc)
+        except (PolicyEvalError, PolicyResultError) as exc:
+            raise Denied(reasons.POLICY_ERROR, str(exc)) from exc
         verdict = "allowed" if outcome.allowed else f"denied ({outcome.reason or 'policy_denied'})"
         again = " (the same facts as a decision before)" if seen else ""
         trace.steps.append(Step("policy", outcome.allowed, f"{verdict} by policy {policy.version}{again}"))

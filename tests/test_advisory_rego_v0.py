@@ -19,7 +19,7 @@ from pdp.assemble import load_policy
 from pdp.config import load_config
 from pdp.errors import LoadError
 from pdp.policy.engine import PolicyEngine, PolicyEvalError
-from pdp.policy.result import read_outcome
+from pdp.policy.result import decided_outcome
 
 
 def _engine(tmp_path: Path, source: str, *, decision: str = "p/allow", rego_version: str = "v0",
@@ -34,14 +34,7 @@ def _engine(tmp_path: Path, source: str, *, decision: str = "p/allow", rego_vers
 
 def _decide(engine: PolicyEngine, doc: dict[str, Any]) -> bool:
     """The policy step as ``Pdp._policy`` runs it: the decision cache first, then the engine."""
-    cache = engine.decisions
-    key = cache.key(doc) if cache is not None else ""
-    outcome = cache.get(key) if cache is not None else None
-    if outcome is None:
-        outcome = read_outcome(engine.evaluate(doc))
-        if cache is not None:
-            cache.put(key, outcome)
-    return outcome.allowed
+    return decided_outcome(engine, doc)[0].allowed
 
 
 # -- v0 rule heads that regorus reads otherwise than OPA ---------------------------------------------

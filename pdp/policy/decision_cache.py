@@ -60,7 +60,8 @@ class _Absent:
         return "<absent>"
 
 
-_ABSENT = _Absent()
+#: What ``values_at`` gives for a path the document does not have.
+ABSENT = _Absent()
 
 
 def _without_comments(source: str) -> str:
@@ -126,6 +127,21 @@ def _string(literal: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def values_at(doc: dict[str, Any], paths: tuple[Path, ...]) -> list[Any]:
+    """The value at each path of ``doc``, ``ABSENT`` where it has none (one loop, no call per path: the
+    decision cache's key is built from these on every decision)."""
+    values = []
+    for path in paths:
+        value: Any = doc
+        for step in path:
+            if not isinstance(value, dict) or step not in value:
+                value = ABSENT
+                break
+            value = value[step]
+        values.append(value)
+    return values
+
+
 class DecisionCache:
     """Bounded LRU of outcomes by the values at the paths a bundle reads. Thread-safe."""
 
@@ -147,16 +163,7 @@ class DecisionCache:
 
     def key(self, doc: dict[str, Any]) -> str:
         # repr keeps types apart (1, 1.0, True and "1" are four keys) and quotes every string.
-        values = []
-        for path in self.paths:  # no function per step: this runs on every decision
-            value: Any = doc
-            for step in path:
-                if not isinstance(value, dict) or step not in value:
-                    value = _ABSENT
-                    break
-                value = value[step]
-            values.append(value)
-        return repr(values)
+        return repr(values_at(doc, self.paths))
 
     def get(self, key: str) -> Any | None:
         with self._lock:

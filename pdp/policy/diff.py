@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from pdp.policy.engine import PolicyEngine
 from pdp.policy.input import _clean as clean_text
-from pdp.policy.result import PolicyOutcome, read_outcome
+from pdp.policy.result import PolicyOutcome, decided_outcome
 from pdp.policy.shadow import deny_of, differences
 
 #: The longest line read (a decision line with a large body is well under it); a longer one is skipped.
@@ -97,18 +97,10 @@ def _recorded(number: int, line: str) -> Recorded:
 
 def outcome_of(engine: PolicyEngine, doc: dict[str, Any]) -> PolicyOutcome | str:
     """The policy's outcome for ``doc`` (through its decision cache), or the text of its error."""
-    cache = engine.decisions
-    key = cache.key(doc) if cache is not None else ""
-    outcome = cache.get(key) if cache is not None else None
-    if outcome is not None:
-        return outcome  # type: ignore[no-any-return]
     try:
-        outcome = read_outcome(engine.evaluate(doc))
+        return decided_outcome(engine, doc)[0]
     except Exception as exc:  # a policy that fails on an input is that input's outcome, not the end
         return f"error ({type(exc).__name__}: {str(exc)[:160]})"
-    if cache is not None:
-        cache.put(key, outcome)
-    return outcome
 
 
 def shown(text: str) -> str:

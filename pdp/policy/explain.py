@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pdp.policy.decision_cache import input_paths
+from pdp.policy.decision_cache import ABSENT, input_paths, values_at
 from pdp.policy.engine import PolicyBundle, PolicyEngine, Undefined
 
 if TYPE_CHECKING:
@@ -62,14 +62,6 @@ def _dotted(path: tuple[str, ...]) -> str:
     return "input" + "".join(f".{s}" if _IDENTIFIER.fullmatch(s) else f"[{json.dumps(s)}]" for s in path)
 
 
-class _Absent:
-    def __repr__(self) -> str:
-        return "(absent)"
-
-
-ABSENT = _Absent()
-
-
 def facts(bundle: PolicyBundle, doc: dict[str, Any]) -> dict[str, Any] | None:
     """``input.x.y`` → the value at that path of ``doc`` (``ABSENT`` where it has none), for every path the
     modules read; None when they read ``input`` whole or call a builtin whose answer is not a function of
@@ -79,16 +71,7 @@ def facts(bundle: PolicyBundle, doc: dict[str, Any]) -> dict[str, Any] | None:
     paths = input_paths(source for _, source in bundle.modules)
     if paths is None:
         return None
-    out: dict[str, Any] = {}
-    for path in paths:
-        value: Any = doc
-        for step in path:
-            if not isinstance(value, dict) or step not in value:
-                value = ABSENT
-                break
-            value = value[step]
-        out[_dotted(path)] = value
-    return out
+    return {_dotted(path): value for path, value in zip(paths, values_at(doc, paths), strict=True)}
 
 
 @dataclass(frozen=True)

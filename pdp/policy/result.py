@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdp.credentials.rfc6750 import scope_tokens
-from pdp.policy.engine import Undefined
+from pdp.policy.engine import PolicyEngine, Undefined
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -207,3 +207,19 @@ def read_outcome(value: Any) -> PolicyOutcome:
         body=body, dynamic_metadata=meta, more_headers=more_headers, more_response_headers=more_response,
         scope=_scope(value.get("scope")),
     )
+
+
+def decided_outcome(engine: PolicyEngine, doc: dict[str, Any]) -> tuple[PolicyOutcome, bool]:
+    """The policy's outcome for the input ``doc``, as the policy step takes it: from the engine's decision
+    cache when the same facts were decided before, else evaluated, read and kept; and whether it came
+    from the cache. Raises what evaluating and reading raise (``PolicyEvalError``, ``PolicyResultError``)."""
+    cache = engine.decisions
+    if cache is None:
+        return read_outcome(engine.evaluate(doc)), False
+    key = cache.key(doc)
+    outcome: PolicyOutcome | None = cache.get(key)
+    if outcome is not None:
+        return outcome, True
+    outcome = read_outcome(engine.evaluate(doc))
+    cache.put(key, outcome)
+    return outcome, False

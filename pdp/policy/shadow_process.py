@@ -39,7 +39,7 @@ from dataclasses import fields
 from typing import IO, Any
 
 from pdp.policy.engine import PolicyBundle, PolicyEngine
-from pdp.policy.result import PolicyOutcome, read_outcome
+from pdp.policy.result import PolicyOutcome, decided_outcome
 
 log = logging.getLogger("pdp.policy.shadow")
 
@@ -339,14 +339,7 @@ def _reply(out: IO[bytes], message: dict[str, Any]) -> None:
 
 
 def _evaluate(engine: PolicyEngine, doc: dict[str, Any]) -> dict[str, Any]:
-    cache = engine.decisions
-    key = cache.key(doc) if cache is not None else ""
-    outcome = cache.get(key) if cache is not None else None
-    if outcome is None:
-        outcome = read_outcome(engine.evaluate(doc))
-        if cache is not None:
-            cache.put(key, outcome)
-    return {"outcome": encode_outcome(outcome)}
+    return {"outcome": encode_outcome(decided_outcome(engine, doc)[0])}
 
 
 def main(argv: list[str]) -> int:
