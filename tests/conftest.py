@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -45,27 +44,6 @@ class Pki:
     def chain_pem(self, leaf: Issued | None = None) -> str:
         return ((leaf or self.client).pem + self.intermediate.pem).decode()
 
-
-
-#: What pyo3 raises when a regorus engine is freed by the cyclic garbage collector on a thread other
-#: than the one that made it (the engine is then leaked, not freed): a known defect, not this test's.
-_FOREIGN_ENGINE_DROP = "regoruspy::Engine is unsendable, but is being dropped on another thread"
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_configure(config: pytest.Config) -> None:
-    """Report a regorus engine dropped on another thread as one line on stderr instead of failing
-    whichever test the garbage collector happened to run in; every other unraisable exception still
-    fails its test."""
-    collect = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and _FOREIGN_ENGINE_DROP in str(unraisable.exc_value):
-            sys.stderr.write(f"note: {_FOREIGN_ENGINE_DROP} (leaked)\n")
-            return
-        collect(unraisable)
-
-    sys.unraisablehook = hook
 
 @pytest.fixture(scope="session")
 def pki() -> Pki:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 from pdp.credentials.jose import unicode_text
 from pdp.errors import LoadError
 from pdp.policy.decision_cache import DecisionCache
+from pdp.policy.thread_bound import thread_cache
 
 #: "opa" asks a remote OPA server instead (``pdp.policy.opa_remote``).
 ENGINES = ("regopy", "regorus", "opa")
@@ -156,18 +156,10 @@ class Evaluator(Protocol):
         """Evaluate any data reference (used by the Rego test runner)."""
 
 
-#: Each thread's compiled evaluators, by bundle version. Module-level rather than per engine, so that
-#: an evaluator is only ever dropped by the thread that made it (regorus engines refuse to be freed
-#: on another thread, which is what dropping a replaced engine's thread-locals would do).
-_THREAD = threading.local()
+#: Each thread keeps its compiled evaluators by bundle version, in its own cache rather than per engine,
+#: so that an evaluator is dropped by the thread that made it (regorus engines refuse to be freed on
+#: another thread, which is what dropping a replaced engine's thread-locals would do; ``thread_bound``).
 _EVALUATORS_PER_THREAD = 4
-
-
-def _thread_evaluators() -> dict[str, Evaluator]:
-    cache: dict[str, Evaluator] | None = getattr(_THREAD, "evaluators", None)
-    if cache is None:
-        cache = _THREAD.evaluators = {}
-    return cache
 
 
 class PolicyEngine:
@@ -188,7 +180,7 @@ class PolicyEngine:
         self._evaluator()
 
     def _evaluator(self) -> Evaluator:
-        cache = _thread_evaluators()
+        cache: dict[str, Evaluator] = thread_cache("evaluators")
         evaluator = cache.get(self.version)
         if evaluator is None:
             evaluator = self._compile(self.bundle)

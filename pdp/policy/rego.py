@@ -27,6 +27,7 @@ from typing import Any
 from pdp.credentials.jose import DecodeError, json_object
 from pdp.errors import LoadError
 from pdp.policy.engine import UNDEFINED, Evaluator, PolicyBundle, PolicyEvalError
+from pdp.policy.thread_bound import ThreadBound
 
 _PROBE_TIMEOUT = 60.0
 
@@ -104,13 +105,14 @@ class RegorusEvaluator:
             traceback.clear_frames(exc.__traceback__)
             del engine
             raise
-        self._engine = engine
+        self._engine = ThreadBound(engine)
 
     def query(self, ref: str, input_doc: dict[str, Any] | None) -> Any:
+        # No local for the engine: a frame kept by a traceback would hold it outside its ThreadBound.
         if input_doc is not None:
-            self._engine.set_input(input_doc)
+            self._engine.value.set_input(input_doc)
         try:
-            value = self._engine.eval_rule(ref)
+            value = self._engine.value.eval_rule(ref)
         except BaseException as exc:  # pyo3 panics derive from BaseException
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
