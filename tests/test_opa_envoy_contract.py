@@ -220,7 +220,9 @@ def test_the_decision_cache_keys_on_the_parsed_body(config: Path) -> None:
     ({"content-type": "application/json", "content-length": "-1"}, '{"a": 1}', ({"a": 1}, False)),
     ({"content-type": "application/x-www-form-urlencoded"}, "a=1&a=2&b=x+y&c", (
         {"a": ["1", "2"], "b": ["x y"], "c": [""]}, False)),
-    ({"content-type": "multipart/form-data; boundary=x"}, "--x--", (None, False)),
+    ({"content-type": "multipart/form-data; boundary=x"}, "--x--", ({}, False)),
+    ({"content-type": "multipart/form-data; boundary=x"}, '--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+     "--x--", ({"a": ["1"]}, False)),
 ], ids=repr)
 def test_parse_body_as_the_plugin(headers: dict[str, str], body: str | bytes, expected: tuple[Any, bool]) -> None:
     assert parse_body(headers, body) == expected
@@ -229,6 +231,7 @@ def test_parse_body_as_the_plugin(headers: dict[str, str], body: str | bytes, ex
 @pytest.mark.parametrize(("content_type", "body"), [
     ("application/json", "{"), ("application/json", "NaN"), ("application/json", '{"a": 1} x'),
     ("application/x-www-form-urlencoded", "a=1;b=2"), ("application/x-www-form-urlencoded", "a=%zz"),
+    ("multipart/form-data; boundary=x", "--x\r\n\r\nno closing boundary"), ("multipart/form-data; boundary", "--x--"),
 ])
 def test_a_body_that_is_not_its_content_type_is_refused(content_type: str, body: str) -> None:
     with pytest.raises(Denied):

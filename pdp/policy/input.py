@@ -8,8 +8,10 @@ for that plugin runs unchanged. pdp adds ``input.cert``, ``input.token``,
 
 ``input.version`` is the plugin's (``{"ext_authz": "v3", "encoding": "protojson"}``), and
 ``input.parsed_body`` / ``input.truncated_body`` are always there, as the plugin sets them: the body
-parsed by its ``content-type`` (JSON; ``application/x-www-form-urlencoded`` as lists of values), null
-when there is no body, no content type or another one, and null with ``truncated_body`` true when
+parsed by its ``content-type`` (JSON; ``application/x-www-form-urlencoded`` as lists of values;
+``multipart/form-data`` as lists of values by part name, a JSON part as its JSON value: see
+``pdp.policy.multipart_body``), null when there is no body, no content type or another one (gRPC
+payloads are not parsed), and null with ``truncated_body`` true when
 ``content-length`` says the body was cut (Envoy's ``with_request_body.max_request_bytes``). A body that
 does not parse is a malformed request, as there.
 """
@@ -26,6 +28,7 @@ from pdp import reasons
 from pdp.certificates.identity import CertIdentity
 from pdp.credentials.tokens import VerifiedToken
 from pdp.errors import Denied
+from pdp.policy.multipart_body import MultipartError, read_form
 from pdp.request import CheckRequest
 
 NO_CERT: dict[str, Any] = {"present": False}
@@ -57,6 +60,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _json_value(text: str) -> Any:
+    return _clean(json.loads(text, parse_constant=_no_constant))
+
+
 def _clean(value: Any) -> Any:
     """A lone UTF-16 surrogate (``"\\ud800"``) becomes U+FFFD, as Go's JSON decoder makes it."""
     if isinstance(value, str):
@@ -74,11 +81,16 @@ def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
     content_type = headers.get("content-type")
     if content_type is None:
         return None, False
+    # The plugin's order: a content type naming two of these is read as the first.
     if "application/json" in content_type:
         kind = "json"
+    elif "application/grpc" in content_type:  # gRPC payloads are not parsed (see README)
+        return None, False
     elif "application/x-www-form-urlencoded" in content_type:
         kind = "form"
-    else:  # multipart/form-data is not parsed (see README); gRPC payloads neither
+    elif "multipart/form-data" in content_type:
+        kind = "multipart"
+    else:
         return None, False
     if not body:
         return None, False
@@ -94,9 +106,17 @@ def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
             return None, True
     if kind == "json":
         try:
-            return _clean(json.loads(text, parse_constant=_no_constant)), False
+            return _json_value(text), False
         except (ValueError, RecursionError):
             raise Denied(reasons.REQUEST_INVALID, "the body is not the JSON its content-type says") from None
+    if kind == "multipart":
+        # Bytes as Go reads them: a text body as UTF-8, a lone surrogate as U+FFFD as in the JSON case.
+        payload = body if isinstance(body, bytes) else _LONE_SURROGATE.sub("\ufffd", body).encode("utf-8")
+        try:
+            return read_form(_LONE_SURROGATE.sub("\ufffd", content_type), payload, _json_value), False
+        except MultipartError as exc:
+            raise Denied(reasons.REQUEST_INVALID, f"the body is not the multipart form its content-type says: {exc}") \
+                from None
     if ";" in text or _BAD_ESCAPE.search(text):
         raise Denied(reasons.REQUEST_INVALID, "the body is not the form its content-type says")
     form: dict[str, list[str]] = {}
