@@ -101,8 +101,8 @@ def build_trial(config: Config, decision_log: DecisionLog, shadow: PolicyEngine 
 
 def policy_files(config: Config) -> list[Path]:
     opa = config.policy.opa
-    if config.policy.engine == "opa" and opa is not None:  # a new token (or CA) is a new remote engine
-        return [f for f in (opa.token_file, opa.ca) if f is not None]
+    if config.policy.engine == "opa" and opa is not None:  # a new token, CA or certificate: a new remote engine
+        return [f for f in (opa.token_file, opa.ca, opa.client_cert, opa.client_key) if f is not None]
     return _listed_files(config.policy.paths, config.policy.data)
 
 

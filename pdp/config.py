@@ -85,6 +85,13 @@ class OpaConfig:
     #: The CA certificates that sign an https OPA server's certificate (default: the bundle requests ships).
     ca: Path | None = None
     max_answer_bytes: int = 1024 * 1024
+    #: pdp's certificate and key (PEM) for OPA's ``--authentication=tls``: both or neither, https only.
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    #: At most this many connections to OPA at once (lent to decisions, or idle between them).
+    max_connections: int = 16
+    #: Seconds ``/readyz`` stays not ready after a decision whose answer pdp refused.
+    unready_after_failure: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -450,6 +457,9 @@ _REGO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URL_SEGMENT = re.compile(r"(?!\.\.?$)[A-Za-z0-9._~-]+")
 
 
+_MAX_OPA_CONNECTIONS = 1024
+
+
 def _opa(t: _Table, base: Path) -> OpaConfig:
     url = t.text("url", required=True)
     assert url is not None
@@ -476,10 +486,26 @@ def _opa(t: _Table, base: Path) -> OpaConfig:
     token_file, ca = t.text("token_file"), t.text("ca")
     if ca is not None and parts.scheme != "https":
         raise ConfigError(t.key("ca"), "only goes with an https:// url")
+    client_cert, client_key = t.text("client_cert"), t.text("client_key")
+    if client_cert is not None and client_key is None:
+        raise ConfigError(t.key("client_key"), "is required with client_cert (both or neither)")
+    if client_key is not None and client_cert is None:
+        raise ConfigError(t.key("client_cert"), "is required with client_key (both or neither)")
+    if client_cert is not None and parts.scheme != "https":
+        # Over plain http the certificate authenticates nothing (there is no handshake): a mistaken url.
+        raise ConfigError(t.key("client_cert"), "only goes with an https:// url (over http no certificate is "
+                                                "presented)")
+    max_connections = t.integer("max_connections", OpaConfig.max_connections, minimum=1)
+    if max_connections > _MAX_OPA_CONNECTIONS:
+        raise ConfigError(t.key("max_connections"), f"must be an integer from 1 to {_MAX_OPA_CONNECTIONS}")
     cfg = OpaConfig(url=url.rstrip("/"), timeout=t.number("timeout", OpaConfig.timeout, minimum=0.01),
                     token_file=_path(base, token_file) if token_file else None,
                     ca=_path(base, ca) if ca else None,
-                    max_answer_bytes=t.integer("max_answer_bytes", OpaConfig.max_answer_bytes, minimum=1024))
+                    max_answer_bytes=t.integer("max_answer_bytes", OpaConfig.max_answer_bytes, minimum=1024),
+                    client_cert=_path(base, client_cert) if client_cert else None,
+                    client_key=_path(base, client_key) if client_key else None,
+                    max_connections=max_connections,
+                    unready_after_failure=t.number("unready_after_failure", OpaConfig.unready_after_failure))
     t.done()
     return cfg
 

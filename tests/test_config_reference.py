@@ -61,7 +61,8 @@ def full_config(tmp: Path) -> dict[str, Any]:
                    "shadow": {"paths": ["next"], "data": ["next.json"], "decision": "pdp/authz/next",
                               "rego_version": "v1", "timeout": 2.5},
                    "opa": {"url": "https://opa.example:8181", "timeout": 0.3, "token_file": "opa.token",
-                           "ca": "opa-ca.pem", "max_answer_bytes": 4096}},
+                           "ca": "opa-ca.pem", "max_answer_bytes": 4096, "client_cert": "pdp-opa.pem",
+                           "client_key": "pdp-opa.key", "max_connections": 4, "unready_after_failure": 1.5}},
         "certificates": {"max_chain_depth": 2, "cache_size": 0, "trust_bundles": [
             {"file": "ca.pem", "name": "example", "trust_domain": "example.org", "intermediates": "inter.pem",
              "crls": ["inter.crl"], "require_crl": True, "revocation": "soft", "ocsp": False,

@@ -5,8 +5,8 @@ speaks the part of OPA's REST API pdp uses: ``POST /v1/data/<path>`` with ``{"in
 ``{"result": ..., "provenance": {...}}`` (``result`` left out when undefined), and ``GET /health``. Its
 policy is one fixed rule evaluated in Python: allowed when ``input.attributes.request.http.method`` is
 ``GET``. It can also misbehave (slow, dripping, 500, not JSON, no result, too large, a redirect), counts
-the connections it accepts, and keeps what it was asked. Everything else is the real pdp: ``Pdp.check``,
-the served HTTP and gRPC listeners, the decision log and ``/readyz``.
+the connections it accepts (and the most open at once), and keeps what it was asked. Everything else is
+the real pdp: ``Pdp.check``, the served HTTP and gRPC listeners, the decision log and ``/readyz``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -34,11 +35,12 @@ from servers import free_port, serve_pdp
 from test_envoy_grpc import envoy_request
 
 from pdp.assemble import build_pdp
-from pdp.config import load_config
+from pdp.config import OpaConfig, load_config
 from pdp.devpki import DpopKey, make_ca, make_client
 from pdp.errors import ConfigError, NeedsNetwork
 from pdp.policy import explain
-from pdp.policy.opa_remote import IDLE_CLIENTS, RemoteEngine, revision_of
+from pdp.policy.opa_remote import RemoteEngine, revision_of
+from pdp.policy.opa_session import RESOLVER, RESOLVER_THREADS
 from pdp.request_reader import RawRequest, Via
 
 pytestmark = pytest.mark.integration
@@ -54,6 +56,9 @@ class OpaStandIn:
         self.asked: list[dict[str, Any]] = []  # path, query, authorization, input
         self.connections = 0
         self.open = 0  # connections not yet closed by pdp
+        self.peak = 0  # the most connections open at once
+        self.peers: list[dict[str, Any] | None] = []  # over TLS: each connection's client certificate
+        counting = threading.Lock()
         self.healthy = True
         self.status = 200  # of ``mode = "body"``, with ``body``
         self.body = b""
@@ -66,12 +71,17 @@ class OpaStandIn:
             timeout = 10
 
             def setup(self) -> None:
-                outer.connections += 1
-                outer.open += 1
+                with counting:
+                    outer.connections += 1
+                    outer.open += 1
+                    outer.peak = max(outer.peak, outer.open)
+                if isinstance(self.request, ssl.SSLSocket):
+                    outer.peers.append(self.request.getpeercert())
                 super().setup()
 
             def finish(self) -> None:
-                outer.open -= 1
+                with counting:
+                    outer.open -= 1
                 super().finish()
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -592,9 +602,9 @@ def test_threads_coming_and_going_leave_at_most_the_idle_bound_of_connections(wr
             for thread in threads:
                 thread.join()
             deadline = time.monotonic() + 2
-            while opa.open > IDLE_CLIENTS and time.monotonic() < deadline:
+            while opa.open > OpaConfig.max_connections and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert opa.open <= IDLE_CLIENTS
+            assert opa.open <= OpaConfig.max_connections
         assert results == ["allowed"] * 240 and len(opa.asked) == 240
     finally:
         engine.close()
@@ -711,3 +721,173 @@ def test_a_base_path_is_kept_before_v1(write_setup, opa):
     finally:
         pdp.close()
     assert opa.asked[0]["path"] == "/opa/v1/data/pdp/authz/result"
+
+
+# -- policy.opa.max_connections: never more connections open at once
+
+def test_concurrent_decisions_never_open_more_than_max_connections(write_setup, opa):
+    opa.delay = 0.02  # the decisions overlap
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=2.0, more="max_connections = 2\n")))
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            reasons = list(pool.map(lambda _: decide(pdp).reason, range(80)))
+    finally:
+        pdp.close()
+    assert reasons == ["allowed"] * 80 and len(opa.asked) == 80
+    assert opa.peak <= 2 and opa.connections == 2  # both used, kept open, none more
+
+
+def test_a_decision_that_finds_no_free_connection_in_its_time_is_policy_unavailable(write_setup, opa):
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=0.3, more="max_connections = 1\n")))
+    try:
+        engine = pdp.policy
+        assert isinstance(engine, RemoteEngine)
+        held = engine._pool.take(time.monotonic() + 1)  # as a decision would, for longer than the next one's time
+        started = time.monotonic()
+        busy = decide(pdp)
+        took = time.monotonic() - started
+        engine._pool.give(held, reusable=True)
+        after = decide(pdp)
+    finally:
+        pdp.close()
+    assert (busy.allowed, busy.reason) == (False, "policy_unavailable")
+    assert busy.message == "the policy engine was busy: no connection free within 0.3 s (policy.opa.max_connections)"
+    assert 0.25 < took < 0.6
+    assert after.allowed is True and opa.connections == 1 and len(opa.asked) == 1
+
+
+def test_a_decision_waits_for_a_connection_given_back_within_its_time(write_setup, opa):
+    opa.delay = 0.05
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=1.0, more="max_connections = 1\n")))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            reasons = list(pool.map(lambda _: decide(pdp).reason, range(8)))
+    finally:
+        pdp.close()
+    assert reasons == ["allowed"] * 8 and opa.connections == 1
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "2.5", "true", '"4"'])
+def test_max_connections_out_of_range_is_refused(write_setup, value):
+    with pytest.raises(ConfigError) as raised:
+        load_config(opa_config(write_setup, "http://127.0.0.1:8181", more=f"max_connections = {value}\n"))
+    assert raised.value.key == "policy.opa.max_connections"
+
+
+# -- name resolution: within the exchange's deadline, on bounded threads
+
+class HangingResolver:
+    """``socket.getaddrinfo`` (the OS boundary) for names ending in ``.test``: hangs until released, or
+    answers 127.0.0.1 at once once ``answer`` is set; every other name or address goes to the OS."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.released = threading.Event()
+        self.asked: list[str] = []
+        self.real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", self)
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".test"):
+            self.asked.append(host)
+            self.released.wait(30)
+            return self.real("127.0.0.1", port, *args, **kwargs)
+        return self.real(host, port, *args, **kwargs)
+
+
+def resolver_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "pdp-opa-resolver")
+
+
+@pytest.fixture
+def hanging(monkeypatch: pytest.MonkeyPatch) -> Iterator[HangingResolver]:
+    resolver = HangingResolver(monkeypatch)
+    try:
+        yield resolver
+    finally:
+        resolver.released.set()
+        deadline = time.monotonic() + 5
+        while RESOLVER.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def test_a_hung_name_lookup_is_a_policy_unavailable_deny_within_the_timeout(write_setup, opa, hanging):
+    named = build_pdp(load_config(opa_config(write_setup, f"http://opa.test:{opa.port}", timeout=0.3)))
+    by_address = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=0.3)))
+    try:
+        started = time.monotonic()
+        first = decide(named)
+        took = time.monotonic() - started
+        # More decisions while the lookup hangs: each waits its own time, none starts another lookup.
+        with ThreadPoolExecutor(8) as pool:
+            later = list(pool.map(lambda _: decide(named), range(16)))
+        assert resolver_threads() == 1 and hanging.asked == ["opa.test"]
+        # The process stays responsive: a server named by its address is asked as ever meanwhile.
+        started = time.monotonic()
+        assert decide(by_address).allowed is True
+        assert time.monotonic() - started < 0.2
+        # Once the resolver answers again, so does the named server.
+        hanging.released.set()
+        deadline = time.monotonic() + 5
+        while RESOLVER.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        recovered = decide(named)
+    finally:
+        named.close()
+        by_address.close()
+    assert (first.allowed, first.reason) == (False, "policy_unavailable")
+    assert first.message == "the policy engine did not answer within 0.3 s"
+    assert 0.25 < took < 0.6, f"{took:.2f} s with a 0.3 s timeout"
+    assert {(d.reason, d.message) for d in later} == {("policy_unavailable", first.message)}
+    assert recovered.allowed is True
+
+
+def test_hung_lookups_are_bounded_and_one_past_the_bound_fails_at_once(write_setup, opa, hanging):
+    engines = [build_pdp(load_config(opa_config(write_setup, f"http://opa-{i}.test:{opa.port}", timeout=0.2)))
+               for i in range(RESOLVER_THREADS + 1)]
+    try:
+        hung = [decide(pdp) for pdp in engines[:RESOLVER_THREADS]]
+        assert resolver_threads() == RESOLVER_THREADS
+        started = time.monotonic()
+        refused = decide(engines[-1])
+        took = time.monotonic() - started
+        assert resolver_threads() == RESOLVER_THREADS
+    finally:
+        for pdp in engines:
+            pdp.close()
+    assert {d.message for d in hung} == {"the policy engine did not answer within 0.2 s"}
+    assert (refused.reason, refused.message) == ("policy_unavailable", "the policy engine cannot be reached")
+    assert took < 0.1, f"{took:.2f} s: a lookup past the bound must fail at once"
+
+
+def test_a_name_the_os_resolves_is_asked(write_setup, opa):
+    """localhost through the real resolver (it may name ::1 first, where nothing listens: the next
+    address is tried)."""
+    pdp = build_pdp(load_config(opa_config(write_setup, f"http://localhost:{opa.port}")))
+    try:
+        assert decide(pdp).allowed is True
+    finally:
+        pdp.close()
+
+
+# -- policy.opa.unready_after_failure
+
+def test_readyz_is_ready_again_after_unready_after_failure(write_setup, opa):
+    opa.mode = "500"
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, more="unready_after_failure = 0.3\n")))
+    try:
+        assert isinstance(pdp.policy, RemoteEngine)
+        assert decide(pdp).reason == "policy_unavailable"
+        down = pdp.policy.health()
+        time.sleep(0.35)
+        up = pdp.policy.health()
+    finally:
+        pdp.close()
+    assert down["ok"] is False and down["error"] == "the policy engine answered HTTP 500 to the last decision"
+    assert up["ok"] is True and up["last_decision_error"] == down["error"]
+
+
+@pytest.mark.parametrize("value", ["-1", '"5"'])
+def test_unready_after_failure_must_be_a_number_of_seconds(write_setup, value):
+    with pytest.raises(ConfigError) as raised:
+        load_config(opa_config(write_setup, "http://127.0.0.1:8181", more=f"unready_after_failure = {value}\n"))
+    assert raised.value.key == "policy.opa.unready_after_failure"

@@ -12,9 +12,14 @@ Every failure on the way is a deny with ``policy_unavailable`` (503), never an a
 complete answer within ``policy.opa.timeout``, a status other than 200, a ``Content-Encoding``, an answer
 that is not a strict JSON object (RFC 8259, read by ``pdp.credentials.jose.json_object``: no duplicate
 member, no NaN, no number out of range, UTF-8 only) or is larger than ``policy.opa.max_answer_bytes``.
-What the caller is told names no address; the log names the server (a warning when OPA stops
-answering, one when it answers again). ``/readyz`` (``health``) wants OPA's ``/health`` to answer and
-no decision refused within the last ``DECISION_WINDOW`` seconds.
+All ``policy.opa.max_connections`` connections in use until the deadline is that deny too. What the
+caller is told names no address; the log names the server (a warning when OPA stops answering, one
+when it answers again). ``/readyz`` (``health``) wants OPA's ``/health`` to answer and no decision
+refused within the last ``policy.opa.unready_after_failure`` seconds.
+
+An https server is asked with the CAs of ``policy.opa.ca`` and, for OPA's ``--authentication=tls``, pdp's
+``client_cert`` and ``client_key``: read and checked at start-up (``tls_context``), each failure a
+``LoadError`` naming the key and the file.
 
 The policy version of a decision is the revision OPA reports for it (``provenance.revision``, or each
 ``provenance.bundles.<name>.revision``): the thread that decided reads the revision of its own last
@@ -26,6 +31,7 @@ pdp does not know), so no outcome is kept between decisions: the decision cache 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import weakref
@@ -49,10 +55,6 @@ UNKNOWN_REVISION = "unknown"
 #: What ``/readyz`` says of an OPA server that does not answer (the address is in the log).
 UNAVAILABLE_TEXT = "the policy engine does not answer"
 _QUERY = "provenance=true&strict-builtin-errors=true"
-#: How long a decision whose answer pdp refused keeps ``/readyz`` not ready (seconds).
-DECISION_WINDOW = 5.0
-#: At most this many idle connections to OPA are kept open between decisions.
-IDLE_CLIENTS = 16
 _HEALTH_INTERVAL = 1.0
 _REVISION_CHARS = 200
 
@@ -78,13 +80,75 @@ def remote_engine(policy: PolicyConfig) -> RemoteEngine:
     opa = policy.opa
     if opa is None:
         raise LoadError("policy.opa.url", "is required when policy.engine = \"opa\"")
-    if opa.ca is not None and not opa.ca.is_file():
-        raise LoadError("policy.opa.ca", f"{str(opa.ca)!r} is not a readable file")
+    tls = tls_context(opa)
     token = read_token(opa)
     if token is not None and opa.url.startswith("http://"):
         log.warning("policy.opa: the bearer token goes to %s over plain http", opa.url)
-    return RemoteEngine(opa.url, decision=policy.decision, timeout=opa.timeout, token=token, ca=opa.ca,
-                        max_answer_bytes=opa.max_answer_bytes)
+    return RemoteEngine(opa.url, decision=policy.decision, timeout=opa.timeout, token=token, tls=tls,
+                        max_answer_bytes=opa.max_answer_bytes, max_connections=opa.max_connections,
+                        unready_after_failure=opa.unready_after_failure)
+
+
+def tls_context(opa: OpaConfig) -> ssl.SSLContext | None:
+    """The TLS context of every connection to an https OPA server (None for http): the CAs of ``ca`` and
+    pdp's ``client_cert`` and ``client_key``, each checked here so that a ``LoadError`` names the key and
+    the file."""
+    from pdp.policy import opa_session
+
+    if not opa.url.startswith("https://"):
+        return None
+    if opa.ca is not None:
+        _pem_certificates("policy.opa.ca", opa.ca)
+    try:
+        context = opa_session.tls_context(opa.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise LoadError("policy.opa.ca", f"{str(opa.ca)!r} does not load: {exc}") from exc
+    if opa.client_cert is not None and opa.client_key is not None:
+        _load_client_pair(context, opa.client_cert, opa.client_key)
+    return context
+
+
+def _load_client_pair(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """pdp's certificate and key into ``context``, after checking what OpenSSL would report obscurely, or
+    not at all: the key on its own first (an encrypted key would make OpenSSL ask for a pass phrase on the
+    terminal: pdp takes none), then that it is the certificate's."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    certificate = _pem_certificates("policy.opa.client_cert", cert)[0]
+    try:
+        data = key.read_bytes()
+    except OSError as exc:
+        raise LoadError("policy.opa.client_key", f"cannot read {str(key)!r}: {exc.strerror or exc}") from exc
+    try:
+        private = serialization.load_pem_private_key(data, None)
+    except TypeError:
+        raise LoadError("policy.opa.client_key", f"{str(key)!r} is an encrypted key: pdp takes no pass phrase "
+                                                 "(give it the key unencrypted, readable by pdp alone)") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise LoadError("policy.opa.client_key", f"{str(key)!r} holds no PEM private key: {exc}") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+        raise LoadError("policy.opa.client_key", f"{str(key)!r} is not the key of the certificate in "
+                                                 f"{str(cert)!r}")
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise LoadError("policy.opa.client_cert", f"{str(cert)!r} with {str(key)!r} does not load: "
+                                                  f"{getattr(exc, 'reason', None) or exc}") from exc
+
+
+def _pem_certificates(key: str, path: Path) -> list[Any]:
+    from cryptography import x509
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LoadError(key, f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise LoadError(key, f"{str(path)!r} holds no PEM certificate: {exc}") from None
 
 
 def revision_of(provenance: Any) -> str | None:
@@ -110,10 +174,14 @@ class RemoteEngine(PolicyEngine):
     needs_network = True
 
     def __init__(self, url: str, *, decision: str, timeout: float = 0.5, token: str | None = None,
-                 ca: Path | None = None, max_answer_bytes: int = 1024 * 1024) -> None:
+                 tls: ssl.SSLContext | None = None, max_answer_bytes: int = 1024 * 1024, max_connections: int = 16,
+                 unready_after_failure: float = 5.0) -> None:
         # No super().__init__(): there is nothing to compile here. The HTTP client is imported now, at
         # start-up, rather than by the first decision.
-        from pdp.policy.opa_session import ClientPool, new_client
+        from pdp.policy.opa_session import ClientPool, new_client, tls_context
+
+        if tls is None and url.startswith("https://"):
+            tls = tls_context()  # once: every connection shares it
 
         self.url = url
         entrypoint = entrypoint_query(decision)
@@ -121,9 +189,10 @@ class RemoteEngine(PolicyEngine):
         self.decisions = None
         self.timeout = timeout
         self.max_answer_bytes = max_answer_bytes
+        self.unready_after_failure = unready_after_failure
         self._path = entrypoint.removeprefix("data").strip(".").replace(".", "/")
         self._local = threading.local()
-        self._pool = ClientPool(lambda: new_client(url, timeout=timeout, token=token, ca=ca), IDLE_CLIENTS)
+        self._pool = ClientPool(lambda: new_client(url, timeout=timeout, token=token, tls=tls), max_connections)
         self._root = f"{url}/v1"
         #: Called with each revision OPA names that differs from the last one (``pdp_policy_info``).
         self.on_revision: Callable[[str], None] | None = None
@@ -174,9 +243,10 @@ class RemoteEngine(PolicyEngine):
         exchange: Exchange | None = None
         refused = True  # the server answered, and pdp could not use the answer
         read = False  # the answer was read to its end: the connection may serve the next exchange
-        client = self._pool.take()
+        client = None
         try:
             with bounded(self.timeout, self.max_answer_bytes) as exchange:
+                client = self._pool.take(exchange.deadline)  # waiting for a connection spends the deadline too
                 status, body = send(client, "POST", f"{self._root}/data/{path}?{_QUERY}", {"input": input_doc})
             read = True
             if status != 200:
@@ -191,7 +261,8 @@ class RemoteEngine(PolicyEngine):
             refused = failure.startswith(("answered", "sent"))
             log.debug("policy.opa: %s: %r", self.url, exc)
         finally:
-            self._pool.give(client, reusable=read)
+            if client is not None:
+                self._pool.give(client, reusable=read)
         if failure is not None:
             if refused:
                 self._refused = (time.monotonic(), f"the policy engine {failure} to the last decision")
@@ -224,7 +295,7 @@ class RemoteEngine(PolicyEngine):
     def health(self) -> dict[str, Any]:
         """For ``/readyz``: ``ok`` when OPA answers ``GET /health?bundles=true`` (asked at most once a second,
         one probe at a time: a caller that arrives during a probe is told the last result) and no decision
-        within the last ``DECISION_WINDOW`` seconds was answered with something pdp refused (a status other
+        within the last ``unready_after_failure`` seconds was answered with something pdp refused (a status other
         than 200, an answer that is no decision document): OPA may be healthy and deny every decision
         (no bundle at the decision's path, a token it refuses). Also the last revision OPA named, and
         ``last_decision_error``, the last decision's failure when its answer was refused, else null."""
@@ -237,7 +308,7 @@ class RemoteEngine(PolicyEngine):
             finally:
                 self._probe_lock.release()
         refused = self._refused
-        recent = refused is not None and time.monotonic() - refused[0] <= DECISION_WINDOW
+        recent = refused is not None and time.monotonic() - refused[0] < self.unready_after_failure
         ok = bool(self._probe_ok) and not recent
         out: dict[str, Any] = {"ok": ok, "revision": self._revision,
                                "last_decision_error": refused[1] if refused is not None else None}
@@ -250,15 +321,17 @@ class RemoteEngine(PolicyEngine):
     def _probe(self) -> None:
         from pdp.policy.opa_session import bounded, send
 
-        client = self._pool.take()
+        client = None
         ok = False
         try:
-            with bounded(self.timeout, 64 * 1024):
+            with bounded(self.timeout, 64 * 1024) as exchange:
+                client = self._pool.take(exchange.deadline)
                 ok = send(client, "GET", f"{self.url}/health?bundles=true")[0] == 200
         except Exception:
             ok = False
         finally:
-            self._pool.give(client, reusable=ok)
+            if client is not None:
+                self._pool.give(client, reusable=ok)
         self._probe_ok = ok
         self._answered(ok, "does not answer GET /health" if not ok else "")
 
@@ -283,8 +356,10 @@ def _failure(exc: BaseException, exchange: Exchange | None, timeout: float) -> s
     import requests
     import urllib3
 
-    from pdp.policy.opa_session import EncodedAnswer
+    from pdp.policy.opa_session import EncodedAnswer, NoFreeConnection
 
+    if isinstance(exc, NoFreeConnection):
+        return f"was busy: no connection free within {timeout:g} s (policy.opa.max_connections)"
     if exchange is not None and exchange.too_large:
         return f"answered with more than {exchange.max_bytes} bytes"
     if (exchange is not None and exchange.timed_out) or isinstance(exc, requests.Timeout):

@@ -14,12 +14,24 @@ only), no proxy, ``.netrc`` or CA bundle taken from the environment. Answers are
 sent (``Accept-Encoding: identity``; ``send`` refuses any other ``Content-Encoding`` unread): what is
 bounded is what is parsed, never a compressed answer that inflates past it.
 
+An https server is reached through one ``ssl.SSLContext`` built at start-up (``tls_context``): its CAs,
+and pdp's certificate and key for OPA's ``--authentication=tls``, are loaded once and presented on every
+connection; ``requests`` adds nothing to it (no CA bundle, no certificate file read per connection).
+
 One client holds one connection and is used by one exchange at a time (``requests.Session`` is not safe
-to share). ``ClientPool`` lends them: a client goes back after an exchange that ended well (its
-connection stays open for the next one, HTTP/1.1 keep-alive), at most ``keep`` are kept idle, and the
-others, and every client whose exchange failed (its connection may hold the rest of an answer), are
-closed. Name resolution is outside the deadline (``getaddrinfo`` cannot be interrupted): name OPA by an
-address, or by a name resolved locally.
+to share). ``ClientPool`` lends them: at most ``size`` clients exist at once, lent or idle, so at most
+``size`` connections are open to OPA; an exchange that finds them all lent waits for one within its
+deadline (``NoFreeConnection`` past it). A client goes back after an exchange that ended well (its
+connection stays open for the next one, HTTP/1.1 keep-alive); a client whose exchange failed (its
+connection may hold the rest of an answer) is closed, and its place freed.
+
+Name resolution is within the deadline too. ``getaddrinfo`` cannot be interrupted, so a name is looked
+up on a thread of its own and the exchange waits for the answer at most until its deadline (then it
+fails with ``TimeoutError``, and the thread is left to finish). The lookups are bounded: exchanges asking
+for the same name while its lookup runs wait on that one lookup (a hung resolver holds one thread, however
+many decisions come), at most ``RESOLVER_THREADS`` names are looked up at once, and a lookup past that
+fails at once instead of starting another thread. Nothing is cached beyond the one lookup in flight
+(the OS's resolver keeps what it keeps). An address in the URL is never looked up.
 """
 
 from __future__ import annotations
@@ -27,12 +39,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import ipaddress
 import logging
 import socket
+import ssl
+import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -40,8 +56,14 @@ from typing import Any, cast
 import requests
 import requests.adapters
 from opa_client import OpaClient
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family
+
+#: At most this many names are looked up at once (each on a thread of its own), in the whole process.
+RESOLVER_THREADS = 4
 
 
 class AnswerTooLarge(OSError):
@@ -50,6 +72,10 @@ class AnswerTooLarge(OSError):
 
 class EncodedAnswer(ValueError):
     """The answer came with a ``Content-Encoding`` other than identity (it was not asked for)."""
+
+
+class NoFreeConnection(TimeoutError):
+    """Every connection of the pool stayed lent until the exchange's deadline."""
 
 
 @dataclass
@@ -135,12 +161,124 @@ class _BoundedResponse(http.client.HTTPResponse):
         super().__init__(sock, debuglevel, method, url)
 
 
+#: What ``getaddrinfo`` returns.
+Addresses = Sequence[tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]]
+
+
+class Resolver:
+    """``getaddrinfo`` on threads of its own, waited for at most until a deadline (see the module's docstring)."""
+
+    def __init__(self, threads: int) -> None:
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, int, int], Future[Addresses]] = {}
+
+    def running(self) -> int:
+        """How many lookups run now (each on its own thread)."""
+        return len(self._running)
+
+    def resolve(self, host: str, port: int, family: int, deadline: float) -> Addresses:
+        """The addresses of ``host`` (``socket.gaierror`` as ``getaddrinfo``'s, or when every thread is busy);
+        ``TimeoutError`` when the lookup has not answered by ``deadline``."""
+        key = (host, port, family)
+        with self._lock:
+            lookup = self._running.get(key)
+            start = lookup is None
+            if lookup is None:
+                if len(self._running) >= self._threads:
+                    raise socket.gaierror(socket.EAI_AGAIN, f"all {self._threads} name lookups are busy")
+                lookup = self._running[key] = Future()
+        if start:
+            try:
+                threading.Thread(target=self._look_up, args=(key, lookup), name="pdp-opa-resolver",
+                                 daemon=True).start()  # daemon: a hung lookup never holds the process open
+            except RuntimeError as exc:  # no thread can be started now
+                with self._lock:
+                    self._running.pop(key, None)
+                raise socket.gaierror(socket.EAI_AGAIN, f"no name lookup can start: {exc}") from None
+        try:
+            return lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"looking up {host!r} took longer than the exchange's time") from None
+
+    def _look_up(self, key: tuple[str, int, int], lookup: Future[Addresses]) -> None:
+        host, port, family = key
+        try:
+            addresses = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        except BaseException as exc:
+            with self._lock:
+                self._running.pop(key, None)
+            lookup.set_exception(exc)
+        else:
+            with self._lock:
+                self._running.pop(key, None)
+            lookup.set_result(addresses)
+
+
+RESOLVER = Resolver(RESOLVER_THREADS)
+
+
+def _open_socket(conn: HTTPConnection) -> socket.socket:
+    """``urllib3``'s ``_new_conn`` with the name looked up by ``RESOLVER``, within the exchange's deadline."""
+    exchange: Exchange | None = getattr(_CURRENT, "exchange", None)
+    timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+    deadline = exchange.deadline if exchange is not None else time.monotonic() + (timeout or 0.5)
+    host, port = conn._dns_host.strip("[]"), conn.port or 0
+    family = allowed_gai_family()
+    try:
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:  # a name: looked up on the resolver's thread
+            addresses = RESOLVER.resolve(host, port, family, deadline)
+        else:  # an address: getaddrinfo only parses it
+            addresses = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except TimeoutError as exc:
+        if exchange is not None:
+            exchange.timed_out = True
+        raise ConnectTimeoutError(conn, f"looking up {conn.host} took longer than the exchange's time") from exc
+    except socket.gaierror as exc:
+        raise NameResolutionError(conn.host, conn, exc) from exc
+    error: OSError = OSError("getaddrinfo returns an empty list")
+    for af, kind, proto, _, address in addresses:
+        sock = socket.socket(af, kind, proto)
+        try:
+            for option in conn.socket_options or ():
+                sock.setsockopt(*option)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if exchange is not None:
+                    exchange.timed_out = True
+                raise ConnectTimeoutError(conn, f"connecting to {conn.host} took longer than the exchange's time")
+            sock.settimeout(remaining if timeout is None else min(timeout, remaining))
+            if conn.source_address:
+                sock.bind(conn.source_address)
+            sock.connect(address)
+            sys.audit("http.client.connect", conn, conn.host, conn.port)
+            return sock
+        except TimeoutError as exc:
+            sock.close()
+            raise ConnectTimeoutError(conn, f"connecting to {conn.host} timed out") from exc
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise NewConnectionError(conn, f"Failed to establish a new connection: {error}")
+
+
 class _Connection(HTTPConnection):
     response_class = _BoundedResponse
+
+    def _new_conn(self) -> socket.socket:
+        return _open_socket(self)
 
 
 class _TlsConnection(HTTPSConnection):
     response_class = _BoundedResponse
+
+    def _new_conn(self) -> socket.socket:
+        return _open_socket(self)
 
 
 class _Pool(HTTPConnectionPool):
@@ -154,9 +292,26 @@ class _TlsPool(HTTPSConnectionPool):
 class _Adapter(requests.adapters.HTTPAdapter):
     """Connections that read through the bounded file; records each answer's status in the exchange."""
 
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        self._tls = tls
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kwargs: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TlsPool}
+
+    def build_connection_pool_key_attributes(self, request: requests.PreparedRequest, verify: Any,
+                                             cert: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        host, pool = super().build_connection_pool_key_attributes(request, verify, cert)
+        if host["scheme"] == "https":  # the one context, verifying; nothing loaded per connection
+            pool = {"ssl_context": self._tls, "cert_reqs": "CERT_REQUIRED"}
+        return host, pool
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # requests would point every connection at its CA bundle (loaded into the context, beside the
+        # configured CAs) and at certificate files: the context holds both already.
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = conn.ca_cert_dir = conn.cert_file = conn.key_file = None
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         response = super().send(request, *args, **kwargs)
@@ -166,10 +321,25 @@ class _Adapter(requests.adapters.HTTPAdapter):
         return response
 
 
-def new_client(url: str, *, timeout: float, token: str | None = None, ca: Path | None = None) -> OpaClient:
-    """An ``OpaClient`` for the OPA server at ``url`` (http or https, with or without a path prefix)."""
+def tls_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """The context of every connection to an https OPA: server certificates verified against ``ca`` (else
+    the CA bundle ``requests`` ships, certifi), host names checked, and ``cert`` with ``key`` presented to
+    a server that asks. ``OSError`` or ``ssl.SSLError`` for a file that does not load (the caller names the
+    key; an encrypted ``key`` must be refused before, or OpenSSL asks for its pass phrase on the terminal)."""
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else DEFAULT_CA_BUNDLE_PATH)
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key is not None else None)
+    return context
+
+
+def new_client(url: str, *, timeout: float, token: str | None = None,
+               tls: ssl.SSLContext | None = None) -> OpaClient:
+    """An ``OpaClient`` for the OPA server at ``url`` (http or https, with or without a path prefix); an https
+    one connects with ``tls`` (default: ``tls_context()``)."""
     parts = urllib.parse.urlsplit(url)
     https = parts.scheme == "https"
+    if https and tls is None:
+        tls = tls_context()
     host = parts.hostname or ""
     client = OpaClient(host=f"[{host}]" if ":" in host else host, port=parts.port or (443 if https else 80),
                        ssl=https, token=token, retries=0, timeout=timeout)
@@ -179,9 +349,7 @@ def new_client(url: str, *, timeout: float, token: str | None = None, ca: Path |
     session.headers["Accept-Encoding"] = "identity"
     session.trust_env = False
     session.max_redirects = 0
-    if ca is not None:
-        session.verify = str(ca)
-    adapter = _Adapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+    adapter = _Adapter(tls)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return client
@@ -204,37 +372,59 @@ def send(client: OpaClient, method: str, url: str, document: dict[str, Any] | No
 
 
 class ClientPool:
-    """Clients lent one exchange at a time: at most ``keep`` idle, whatever threads come and go."""
+    """Clients lent one exchange at a time: at most ``size`` exist, lent or idle, whatever threads come and go."""
 
-    def __init__(self, make: Callable[[], OpaClient], keep: int) -> None:
+    def __init__(self, make: Callable[[], OpaClient], size: int) -> None:
         self._make = make
-        self._keep = keep
+        self._size = size
         self._idle: list[OpaClient] = []
-        self._lock = threading.Lock()
+        self._made = 0  # clients that exist: lent or idle
+        self._changed = threading.Condition(threading.Lock())
         self._closed = False
 
-    def take(self) -> OpaClient:
-        with self._lock:
+    def take(self, deadline: float) -> OpaClient:
+        """An idle client, else a new one while fewer than ``size`` exist, else the first one given back
+        before ``deadline`` (``NoFreeConnection`` after it)."""
+        with self._changed:
+            while not self._idle and self._made >= self._size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NoFreeConnection(f"all {self._size} connections stayed in use")
+                self._changed.wait(remaining)
             if self._idle:
                 return self._idle.pop()
-        return self._make()
+            self._made += 1
+        try:
+            return self._make()
+        except BaseException:
+            self._forget()
+            raise
 
     def give(self, client: OpaClient, *, reusable: bool) -> None:
-        """Back into the pool after an exchange; closed instead when it failed, the pool is full or closed."""
-        with self._lock:
-            if reusable and not self._closed and len(self._idle) < self._keep:
+        """Back into the pool after an exchange; closed instead (its place freed) when the exchange failed or
+        the pool is closed."""
+        with self._changed:
+            if reusable and not self._closed:
                 self._idle.append(client)
+                self._changed.notify()
                 return
         _close(client)
+        self._forget()
+
+    def _forget(self) -> None:
+        with self._changed:
+            self._made -= 1
+            self._changed.notify()
 
     def idle(self) -> int:
         return len(self._idle)
 
     def close(self) -> None:
         """Close the idle clients; those lent out are closed when they come back."""
-        with self._lock:
+        with self._changed:
             self._closed = True
             closing, self._idle = self._idle, []
+            self._made -= len(closing)
         for client in closing:
             _close(client)
 
