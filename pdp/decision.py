@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from pdp.frozen import fast_init
 from pdp.reasons import Reason
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Step:
     """One step of the pipeline: its name, whether it passed, and what it found."""
@@ -31,6 +33,7 @@ class Step:
         return {"step": self.name, "ok": self.ok, "detail": self.detail}
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Allow or deny, with everything an adapter needs to render it.

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from pdp.frozen import fast_init
+
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CheckRequest:
     """An HTTP request to decide on.

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdp import reasons
 from pdp.errors import Denied
+from pdp.frozen import fast_init
 from pdp.request import CheckRequest
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class Via(enum.Enum):
     DIRECT = "direct"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RawRequest:
     """What an entry point received, untouched: nothing decoded, nothing merged, nothing believed yet.
