@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -571,6 +572,32 @@ def test_decision_ids_are_unique_uuid7(make_pdp: Any, pki: Any, issuer: Any) -> 
         parsed = uuid.UUID(decision_id)
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
         assert before <= int(decision_id.replace("-", "")[:12], 16) <= after
+
+
+def test_decision_ids_differ_across_threads_and_a_forked_worker() -> None:
+    """Random bits are read from the OS many ids at a time: no two threads, and no worker forked from a
+    process that has ids left over, hand out the same random part."""
+    from pdp.decision import new_decision_id
+
+    new_decision_id()  # this thread now holds unused random bits
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda: ids.extend(new_decision_id() for _ in range(300))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked worker: its first ids, then exit at once
+        os.write(write, ",".join(new_decision_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    ids += child + [new_decision_id() for _ in range(50)]
+    randoms = [d.replace("-", "")[13:] for d in ids]  # after the time and the version digit
+    assert len(child) == 50 and len(set(randoms)) == len(randoms) == 1300
 
 
 def test_steps_explain_a_credential_denial(make_pdp: Any, pki: Any, issuer: Any) -> None:
