@@ -15,6 +15,7 @@ from pdp.frozen import fast_init
 from pdp.reasons import Reason
 
 if TYPE_CHECKING:
+    from pdp.allowed import AllowedParts
     from pdp.certificates.identity import CertIdentity
     from pdp.credentials.tokens import VerifiedToken
 
@@ -69,6 +70,9 @@ class Decision:
     #: What was verified (for in-process callers such as the ASGI middleware); never rendered.
     identity: CertIdentity | None = field(default=None, repr=False, compare=False)
     token: VerifiedToken | None = field(default=None, repr=False, compare=False)
+    #: An allow's parts (``pdp.allowed``): the same object for every allow made from the same facts, so an
+    #: adapter may keep what it rendered of them (all but the decision id) and render it once.
+    parts: AllowedParts | None = field(default=None, repr=False, compare=False)
 
     def denial(self) -> tuple[str, dict[str, str]]:
         """The body and response headers a denied client gets: the policy's body, or a small JSON

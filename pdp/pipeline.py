@@ -18,12 +18,13 @@ import functools
 import logging
 import re
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pdp import reasons
+from pdp.allowed import KEPT as ALLOWED_KEPT
+from pdp.allowed import AllowedParts, client_pdp_headers, facts_metadata, header_value
 from pdp.certificates.identity import CertIdentity
 from pdp.certificates.inventory import InventoryRecorder
 from pdp.certificates.revocation_list import RevocationList
@@ -62,11 +63,6 @@ _AMBIGUOUS_PATH = re.compile(
     r"|%(?:[01][0-9a-fA-F]|7[fF]|[cC][01]|[fF][5-9a-fA-F])|%[eE]0%[89][0-9a-fA-F]|%[fF]0%8[0-9a-fA-F]")
 
 
-#: Headers named 'x-pdp-*' are pdp's to set: a client's own never reach the upstream. Spelt with '_' too
-#: ('x_pdp_subject'): CGI, WSGI and Rack upstreams read '_' and '-' in a name alike.
-_PDP_HEADER = re.compile(r"x[-_]pdp[-_]")
-
-
 @dataclass(frozen=True, slots=True)
 class UpstreamHeaders:
     """Names of the headers pdp adds to an allowed request ("" leaves one out)."""
@@ -93,6 +89,7 @@ class DecisionSettings:
 
 
 DecisionSink = Callable[[Decision, float], None]
+_ALLOW_STEP = Step("decision", True, "allow")
 
 
 class _Trace:
@@ -137,6 +134,8 @@ class Pdp:
         #: Where verified client identities are queued for the inventory, if it is kept.
         self.inventory = inventory
         self._closers = closers
+        #: An allow's parts by the ids of the facts they were made for (``pdp.allowed``).
+        self._allowed: dict[tuple[int, int, int, tuple[str, ...]], AllowedParts] = {}
 
     def close(self) -> None:
         """Release what this decision point opened (HTTP clients for key sets and introspection)."""
@@ -337,37 +336,23 @@ class Pdp:
             if reason.status < 400:  # a deny that names a success ("allowed") is still a deny
                 reason = reasons.POLICY_DENIED
             return self._deny(decision_id, reason, reason.description, trace, outcome)
-        s = self.settings
-        upstream: dict[str, str] = {}
         identity, token = trace.identity, trace.token
-        if identity is not None:
-            _put(upstream, s.upstream.spiffe_id, identity.spiffe_id)
-            _put(upstream, s.upstream.cert_thumbprint, identity.thumbprint)
-        if token is not None:
-            _put(upstream, s.upstream.subject, token.claims.get("sub"))
-            _put(upstream, s.upstream.client_id, token.claims.get("client_id"))
-        _put(upstream, s.upstream.decision_id, decision_id)
-        upstream.update(outcome.headers)
-        upstream = {k: _header_value(v) for k, v in upstream.items()}
-        # pdp's own header names never pass from the client: the ones this decision does not set are
-        # removed (a client's 'x-pdp-subject' must not reach the upstream on a token without 'sub'), and
-        # so is every 'x-pdp-*' the client sent (a policy may set 'x-pdp-tenant' on some requests only).
-        remove = list(outcome.headers_to_remove)
-        own = [*s.upstream.names(), *(n for n in request.headers if _PDP_HEADER.match(n))]
-        remove += [n for n in dict.fromkeys(own) if n not in upstream and n not in remove]
-        if s.remove_authorization:
-            remove += [h for h in ("authorization", "dpop") if h not in remove and h not in upstream]
-        reason_code = outcome.reason or reasons.ALLOWED.code
-        steps = (*trace.steps, Step("decision", True, "allow"))
+        client_pdp = client_pdp_headers(request.headers)
+        key = (id(identity), id(token), id(outcome), client_pdp)
+        parts = self._allowed.get(key)
+        if parts is None or not parts.fits(identity, token, outcome):
+            parts = AllowedParts(self.settings, identity, token, outcome, client_pdp)
+            if len(self._allowed) >= ALLOWED_KEPT:
+                self._allowed.clear()  # a flood of new facts: start again rather than grow
+            self._allowed[key] = parts  # it holds what the key's ids name: no id is reused while it is kept
         return Decision(
-            decision_id=decision_id, allowed=True, status=200, reason=reason_code, message="allowed",
-            headers=upstream, headers_to_remove=tuple(remove),
-            response_headers={k: _header_value(v) for k, v in outcome.response_headers.items()},
-            more_headers=tuple((k, _header_value(v)) for k, v in outcome.more_headers),
-            more_response_headers=tuple((k, _header_value(v)) for k, v in outcome.more_response_headers),
+            decision_id=decision_id, allowed=True, status=200, reason=parts.reason, message="allowed",
+            headers=parts.headers(decision_id), headers_to_remove=parts.headers_to_remove,
+            response_headers=parts.response_headers, more_headers=parts.more_headers,
+            more_response_headers=parts.more_response_headers,
             query_to_set=outcome.query_to_set, query_to_remove=outcome.query_to_remove,
-            steps=steps, metadata=self._metadata(decision_id, reason_code, trace, outcome),
-            identity=identity, token=token,
+            steps=(*trace.steps, _ALLOW_STEP), metadata=parts.metadata(decision_id),
+            identity=identity, token=token, parts=parts,
         )
 
     def _deny(self, decision_id: str, reason: Reason, detail: str, trace: _Trace,
@@ -382,8 +367,8 @@ class Pdp:
                 if k in response_headers and k == "set-cookie":
                     lines.append((k, v))
                 else:
-                    response_headers[k] = _header_value(v)
-            more = tuple((k, _header_value(v)) for k, v in lines)
+                    response_headers[k] = header_value(v)
+            more = tuple((k, header_value(v)) for k, v in lines)
         if reason.challenge:
             dpop = reason.dpop or trace.dpop
             response_headers["www-authenticate"] = challenge(
@@ -402,38 +387,16 @@ class Pdp:
             decision_id=decision_id, allowed=False, status=status, reason=code,
             message=detail, response_headers=response_headers, more_response_headers=more,
             body=outcome.body if outcome else "",
-            steps=steps, metadata=self._metadata(decision_id, code, trace, outcome), reason_info=reason,
+            steps=steps, reason_info=reason,
+            metadata={"decision_id": decision_id, **facts_metadata(code, trace.identity, trace.token, outcome)},
             identity=trace.identity, token=trace.token,
         )
-
-    @staticmethod
-    def _metadata(decision_id: str, reason: str, trace: _Trace, outcome: PolicyOutcome | None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"decision_id": decision_id, "reason": reason}
-        if trace.identity is not None:
-            meta["spiffe_id"] = trace.identity.spiffe_id
-            meta["cert_thumbprint"] = trace.identity.thumbprint
-        if trace.token is not None:
-            meta["sub"] = trace.token.claims.get("sub")
-            meta["client_id"] = trace.token.claims.get("client_id")
-            meta["iss"] = trace.token.issuer
-            meta["jti"] = trace.token.jti
-        if outcome is not None and outcome.dynamic_metadata:
-            meta["policy"] = dict(outcome.dynamic_metadata)
-        return meta
 
 
 @functools.lru_cache(maxsize=8)
 def _names(upstream: UpstreamHeaders) -> tuple[str, ...]:
     return tuple(n for n in (upstream.spiffe_id, upstream.subject, upstream.client_id, upstream.cert_thumbprint,
                              upstream.decision_id) if n)
-
-
-def _header_value(value: str) -> str:
-    """A value every HTTP stack can carry: non-ASCII text (a 'sub' of 'Łukasz') and control characters
-    (a CR/LF that would split the header) are percent-encoded, as UTF-8."""
-    if value.isascii() and value.isprintable():
-        return value
-    return urllib.parse.quote(value, safe="".join(chr(c) for c in range(0x20, 0x7f)))
 
 
 def _check_text(request: CheckRequest, header_text: str) -> None:
@@ -458,11 +421,6 @@ def _port(host: str) -> int:
 
 def _byte_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def _put(headers: dict[str, str], name: str, value: Any) -> None:
-    if name and isinstance(value, str) and value:
-        headers[name] = value
 
 
 def _step_of(reason: Reason) -> str:

@@ -811,3 +811,31 @@ def test_lone_surrogate_in_a_request_never_crashes_the_decision(write_setup, fie
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert result.stdout.split()[1] != "internal_error"
+
+
+def test_repeated_allows_keep_each_clients_own_headers_and_removals(make_pdp: Any, pki: Any, issuer: Any) -> None:
+    """An allow's headers are made once per set of facts and kept: alternating clients, and a client that
+    sends its own 'x-pdp-*' header now and then, each get exactly what a first decision would give them."""
+    pdp = make_pdp()
+    tokens = {"client": bound_token(issuer, pki.client, subject="alice"),
+              "other": bound_token(issuer, pki.other, subject="bob")}
+    leaves = {"client": pki.client, "other": pki.other}
+    seen: dict[tuple[str, bool], Any] = {}
+    for round_ in range(3):
+        for who in ("client", "other"):
+            for own_header in (False, True):
+                headers = {"x-pdp-tenant": "forged"} if own_header else {}
+                decision = pdp.decide(check_request(chain=pki.chain(leaves[who]), token=tokens[who], headers=headers))
+                assert decision.allowed, decision.reason
+                assert decision.headers["x-pdp-subject"] == {"client": "alice", "other": "bob"}[who]
+                assert decision.headers["x-pdp-spiffe-id"] == decision.identity.spiffe_id != ""
+                assert decision.headers["x-pdp-cert-thumbprint"] == leaves[who].thumbprint
+                assert decision.headers["x-pdp-decision-id"] == decision.decision_id == decision.metadata["decision_id"]
+                assert ("x-pdp-tenant" in decision.headers_to_remove) is own_header
+                assert decision.metadata["sub"] == decision.headers["x-pdp-subject"]
+                if round_:
+                    assert decision.parts is seen[who, own_header]
+                seen[who, own_header] = decision.parts
+    assert len({id(p) for p in seen.values()}) == 4
+    assert pdp.decide(check_request(chain=pki.chain(pki.other), token=tokens["other"])).headers["x-pdp-spiffe-id"] \
+        != pdp.decide(check_request(chain=pki.chain(pki.client), token=tokens["client"])).headers["x-pdp-spiffe-id"]

@@ -127,6 +127,10 @@ def _not_after(cert: x509.Certificate) -> float:
     return kept[1]
 
 
+#: The largest leaf certificate kept in the cache by its DER (larger ones by their SHA-256).
+_DER_KEY_MAX = 4096
+
+
 class ChainVerifier:
     """Verifies client chains against ``bundles``. ``revocation`` asks OCSP responders and CRL distribution
     points (without one, a certificate that names them has its revocation status unknown); its refresher runs
@@ -137,6 +141,8 @@ class ChainVerifier:
         self.bundles = bundles
         self._max_depth = max_chain_depth
         self._max_cache = max_cache_seconds
+        #: By the leaf's DER (hashing the bytes costs a fraction of a SHA-256, and none at all for the same
+        #: bytes object again, which keeps its hash), or by its SHA-256 when it is a large certificate.
         self._cache: ExpiringCache[bytes, CertIdentity] = ExpiringCache(cache_size)
         self.revocation = revocation or OnlineRevocation(None)
         # A newly kept answer that revokes a certificate must not wait for cached identities to expire. The
@@ -161,12 +167,13 @@ class ChainVerifier:
         wait on the network raises ``NeedsNetwork`` instead, so the service can run it off the event loop."""
         if not chain:
             raise Denied(reasons.CERT_MALFORMED, "empty certificate chain")
-        key = hashlib.sha256(chain[0]).digest()
+        leaf = chain[0]
+        key = leaf if len(leaf) <= _DER_KEY_MAX else hashlib.sha256(leaf).digest()
         cached = self._cache.get(key, now)
         if cached is not None and cached.not_before <= now:
             return cached
         generation = self._generation
-        identity, expires = self._verify_uncached(chain, key, now, network)
+        identity, expires = self._verify_uncached(chain, hashlib.sha256(leaf).digest(), now, network)
         with self._generation_lock:
             if generation == self._generation:
                 self._cache.put(key, identity, min(expires, now + self._max_cache))

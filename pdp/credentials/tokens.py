@@ -63,6 +63,10 @@ class VerifiedToken:
         return jti if isinstance(jti, str) else None
 
 
+#: The longest token kept in the cache by its text (longer ones by their SHA-256).
+_TEXT_KEY_MAX = 2048
+
+
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
@@ -74,7 +78,9 @@ class TokenVerifier:
         self._opaque = opaque
         self._leeway = leeway
         self._max_cache = max_cache_seconds
-        self._cache: ExpiringCache[bytes, tuple[KeySet, VerifiedToken]] = ExpiringCache(cache_size)
+        #: By the token's text (hashing it costs a fraction of a SHA-256), or by its digest when the text is
+        #: long enough that keeping it would cost more memory than the entry itself.
+        self._cache: ExpiringCache[str | bytes, tuple[KeySet, VerifiedToken]] = ExpiringCache(cache_size)
 
     @property
     def issuers(self) -> dict[str, Issuer]:
@@ -97,20 +103,21 @@ class TokenVerifier:
         return verified
 
     def _verify(self, token: str, now: float, network: bool) -> VerifiedToken:
-        digest = token_digest(token)
         if self._opaque and token.count(".") != 2:
+            digest = token_digest(token)
             opaque_issuer, answer = self._opaque.verify(token, digest, now, network)
             return _from_introspection(digest, opaque_issuer.issuer, answer)
-        hit = self._cache.get(digest, now)
+        key = token if len(token) <= _TEXT_KEY_MAX else token_digest(token)
+        hit = self._cache.get(key, now)
         if hit is not None:
             keyset, verified = hit
             issuer = self._issuers.get(verified.issuer)
             if issuer is not None and issuer.keys.current() is keyset:
                 return verified
-        keyset, verified = self._verify_uncached(token, digest, now, network)
+        keyset, verified = self._verify_uncached(token, token_digest(token), now, network)
         expires = min(verified.exp - CACHE_MARGIN_SECONDS, now + self._max_cache)
         if expires > now:
-            self._cache.put(digest, (keyset, verified), expires)
+            self._cache.put(key, (keyset, verified), expires)
         return verified
 
     def _verify_uncached(self, token: str, digest: bytes, now: float,
