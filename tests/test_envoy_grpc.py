@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Pki, bound_token
+from conftest import Pki, bound_token, check_request
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import json_format, struct_pb2
@@ -374,3 +374,86 @@ def test_dpop_through_envoy_rebuilds_htu_from_scheme_host_and_path(envoy, pki, i
     assert json.loads(denied.denied_response.body)["reason"] == "dpop_proof_invalid"
     challenge = {h.header.key: h.header.value for h in denied.denied_response.headers}["www-authenticate"]
     assert challenge.startswith("DPoP ")
+
+
+# -- a repeated allow is rendered from kept bytes: Envoy must read the same response as a whole rendering
+
+RICH = """package pdp.authz
+import rego.v1
+result := {
+  "allowed": true,
+  "headers": object.union(
+    {"x-tenant": "acme", "set-cookie": ["a=1", "b=2"]},
+    {k: v | some k, v in {"x-pdp-decision-id": "policy-made"}; input.attributes.request.http.headers["x-own-id"]}),
+  "response_headers_to_add": {"x-served-by": "pdp"},
+  "request_headers_to_remove": ["x-debug"],
+  "query_parameters_to_set": {"page": "1"},
+  "query_parameters_to_remove": ["trace"],
+  "dynamic_metadata": {"tier": "gold", "limits": {"rps": 10}},
+}
+"""
+
+
+def _effective(response: external_auth_pb2.CheckResponse) -> dict[str, Any]:
+    """What Envoy makes of a response: each header list applied in order (overwrite or append), the
+    metadata as a document, every other member as it is."""
+    def applied(options: Any) -> dict[str, list[str]]:
+        lines: dict[str, list[str]] = {}
+        for option in options:
+            key, value = option.header.key, option.header.value
+            if option.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD:
+                lines[key] = [value]
+            else:
+                lines.setdefault(key, []).append(value)
+        return lines
+
+    doc = json_format.MessageToDict(response)
+    doc.get("okResponse", {}).pop("headers", None)
+    doc.get("okResponse", {}).pop("responseHeadersToAdd", None)
+    doc.pop("dynamicMetadata", None)
+    return {"rest": doc, "headers": applied(response.ok_response.headers),
+            "response_headers": applied(response.ok_response.response_headers_to_add),
+            "metadata": json_format.MessageToDict(response.dynamic_metadata)}
+
+
+@pytest.mark.parametrize("own_id", [False, True], ids=["pdp's id", "the policy's id header"])
+def test_a_repeated_allow_renders_as_the_whole_response_would(make_pdp, pki, issuer, tmp_path, own_id):
+    from pdp.adapters.envoy_grpc import render, to_check_response
+
+    policy = tmp_path / "rich"
+    policy.mkdir()
+    (policy / "p.rego").write_text(RICH)
+    pdp = make_pdp(engine="regorus", policy_paths=[str(policy)])
+    token = bound_token(issuer, pki.client)
+    headers = {"x-own-id": "1"} if own_id else {}
+    decisions = [pdp.decide(check_request(chain=pki.chain(), token=token, headers=headers, path="/orders?trace=1"))
+                 for _ in range(4)]
+    assert all(d.allowed for d in decisions) and decisions[1].parts is decisions[0].parts
+    for decision in decisions:
+        rendered = external_auth_pb2.CheckResponse.FromString(render(decision))
+        assert _effective(rendered) == _effective(to_check_response(decision))
+        assert rendered.dynamic_metadata.fields["decision_id"].string_value == decision.decision_id
+    assert len({d.decision_id for d in decisions}) == 4
+
+
+def test_an_allow_changed_after_the_pipeline_is_rendered_whole(make_pdp, pki, issuer):
+    """A decision copied with other headers (``dataclasses.replace``) keeps its parts: what differs from
+    them is rendered, never the kept bytes alone."""
+    import dataclasses
+
+    from pdp.adapters.envoy_grpc import render, to_check_response
+
+    pdp = make_pdp()
+    first = pdp.decide(check_request(chain=pki.chain(), token=bound_token(issuer, pki.client)))
+    render(first)
+    changed = [
+        dataclasses.replace(first, headers={**first.headers, "x-pdp-subject": "someone-else"}),
+        dataclasses.replace(first, headers={k: v for k, v in first.headers.items() if k != "x-pdp-subject"}),
+        dataclasses.replace(first, headers_to_remove=("x-other",)),
+        dataclasses.replace(first, metadata={**first.metadata, "sub": "someone-else"}),
+        dataclasses.replace(first, metadata={**first.metadata, "extra": {"nested": 1}}),
+        dataclasses.replace(first, allowed=False, status=403, reason="policy_denied"),
+    ]
+    for decision in changed:
+        rendered = external_auth_pb2.CheckResponse.FromString(render(decision))
+        assert _effective(rendered) == _effective(to_check_response(decision))

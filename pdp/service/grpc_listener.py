@@ -77,7 +77,7 @@ class _GatedAuthorization(EnvoyAuthorization):
         self._allowed = allowed
         self._pdp_of = pdp
 
-    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Check(self, request: Any, context: grpc.ServicerContext) -> bytes:
         pems = context.auth_context().get("x509_pem_cert") or []
         der = None
         if pems:
