@@ -302,3 +302,32 @@ def test_a_policy_s_content_length_never_frames_the_ext_authz_answer(write_setup
         answer = httpx.get(f"{base}/ext_authz/orders", headers={"host": "api.example.org"}, timeout=10)
     assert answer.status_code == 403 and answer.headers["x-pdp-reason"] == "policy_error"
     assert "transfer-encoding" not in answer.headers and answer.headers["content-length"] == str(len(answer.content))
+
+
+SET_OF_OBJECTS = """package pdp.authz
+import rego.v1
+result := {
+  "allowed": true,
+  "headers": {{"x-team": "payments"}, {"x-tier": "gold"}},
+  "query_parameters_to_remove": {"trace", "debug"},
+  "dynamic_metadata": {"routes": {["GET", "/orders"], ["POST", "/orders"]}},
+}
+"""
+
+
+def test_a_result_holding_a_set_of_objects_or_arrays_reads_as_opa_writes_it(make_pdp, pki, issuer, tmp_path) -> None:
+    """OPA writes a set as a JSON array of its members: a set of header objects is the plugin's 'headers as a
+    list of objects'. No Python set holds objects or arrays, so regorus cannot hand one over as Python values;
+    pdp reads such a result as JSON instead of refusing it as a policy error."""
+    from conftest import bound_token, check_request
+
+    policy = tmp_path / "sets"
+    policy.mkdir()
+    (policy / "p.rego").write_text(SET_OF_OBJECTS)
+    pdp = make_pdp(engine="regorus", policy_paths=[str(policy)])
+    decision = pdp.decide(check_request(chain=pki.chain(), token=bound_token(issuer, pki.client),
+                                        path="/orders?trace=1&debug=2"))
+    assert decision.allowed, (decision.reason, decision.message)
+    assert decision.headers["x-team"] == "payments" and decision.headers["x-tier"] == "gold"
+    assert set(decision.query_to_remove) == {"trace", "debug"}
+    assert decision.metadata["policy"] == {"routes": [["GET", "/orders"], ["POST", "/orders"]]}

@@ -113,6 +113,12 @@ class RegorusEvaluator:
             self._engine.value.set_input(input_doc)
         try:
             value = self._engine.value.eval_rule(ref)
+        except TypeError as exc:
+            if "unhashable" not in str(exc):
+                raise PolicyEvalError(_short(str(exc))) from exc
+            # A set of arrays or objects, which no Python set can hold: read the value as JSON, where a set
+            # is an array of its members in order, as OPA writes it.
+            return self._as_json(ref)
         except BaseException as exc:  # pyo3 panics derive from BaseException
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -121,6 +127,12 @@ class RegorusEvaluator:
                 return UNDEFINED
             raise PolicyEvalError(message) from exc
         return UNDEFINED if value is None else value
+
+    def _as_json(self, ref: str) -> Any:
+        try:
+            return json.loads(self._engine.value.eval_rule_as_json(ref))
+        except Exception as exc:
+            raise PolicyEvalError(_short(str(exc))) from exc
 
     def evaluate(self, input_doc: dict[str, Any]) -> Any:
         return self.query(self._entrypoint, input_doc)
