@@ -435,3 +435,12 @@ def test_a_policy_folder_mounted_from_a_configmap_loads_each_file_once(tmp_path)
     bundle = load_bundle((mount,), entrypoint="pdp/authz/allow", engine="regorus")
     assert [Path(name).name for name, _ in bundle.modules] == ["authz.rego"]
     assert bundle.data == {"pdp": {"config": {"open": "/healthz"}}}
+
+
+def test_a_function_regopy_lacks_is_a_policy_error_not_an_internal_error(tmp_path: Path) -> None:
+    """rego-cpp answers a call to a function it lacks with text regopy cannot read as JSON: that is the
+    policy failing (a deny, ``policy_error``), never an exception the pipeline reports as its own."""
+    (tmp_path / "p.rego").write_text('package p\nimport rego.v1\nx := strings.split_n(input.s, ",", 2)\n')
+    engine = PolicyEngine(load_bundle([tmp_path], entrypoint="data.p.x", engine="regopy"))
+    with pytest.raises(PolicyEvalError, match="unreadable"):
+        engine.evaluate({"s": "a,b,c"})

@@ -64,6 +64,8 @@ class RegopyEvaluator:
             out = self._it.query_bundle(plan)
         except self._regopy.RegoError as exc:
             raise PolicyEvalError(str(exc)) from exc
+        except ValueError as exc:  # regopy reads its engine's answer as JSON: an unknown function's is not
+            raise PolicyEvalError(f"the engine's answer is unreadable (a function rego-cpp lacks?): {exc}") from exc
         # Read the result as text: asking an undefined result for a binding aborts rego-cpp.
         text = str(out)
         if text == "undefined":
