@@ -444,3 +444,21 @@ def test_a_function_regopy_lacks_is_a_policy_error_not_an_internal_error(tmp_pat
     engine = PolicyEngine(load_bundle([tmp_path], entrypoint="data.p.x", engine="regopy"))
     with pytest.raises(PolicyEvalError, match="unreadable"):
         engine.evaluate({"s": "a,b,c"})
+
+
+@pytest.mark.parametrize("literal", ["[" * 13 + "1" + "]" * 13, '{"a": ' * 13 + "1" + "}" * 13,
+                                     "{" * 13 + "1" + "}" * 13])
+def test_literals_nested_past_what_the_parser_reads_in_time_are_refused_at_load(tmp_path: Path, literal: str) -> None:
+    """regorus reads nested literals in exponential time (40 s at 20 levels): refused, naming file and line."""
+    (tmp_path / "p.rego").write_text(f"package p\nimport rego.v1\n\n# {{{{{{{{{{{{{{{{ not counted\nx := {literal}\n")
+    with pytest.raises(LoadError) as refused:
+        load_bundle([tmp_path], entrypoint="data.p.x", engine="regorus")
+    assert refused.value.key == "policy.paths" and f"{tmp_path / 'p.rego'}:5:" in str(refused.value)
+
+
+def test_brackets_in_strings_comments_and_raw_strings_do_not_count(tmp_path: Path) -> None:
+    deep = "[" * 20
+    (tmp_path / "p.rego").write_text(f'package p\nimport rego.v1\n\n# {deep}\nx := "{deep}"\ny := `{deep}\n{deep}`\n'
+                                     f'z := {"[" * 12}1{"]" * 12}\n')
+    bundle = load_bundle([tmp_path], entrypoint="data.p.z", engine="regorus")
+    assert PolicyEngine(bundle).evaluate({}) == [[[[[[[[[[[[1]]]]]]]]]]]]

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from pdp.credentials.jose import unicode_text
 from pdp.errors import LoadError
 from pdp.policy.decision_cache import DecisionCache
+from pdp.policy.nesting import MAX_DEPTH, too_deep
 from pdp.policy.thread_bound import thread_cache
 
 #: "opa" asks a remote OPA server instead (``pdp.policy.opa_remote``).
@@ -124,9 +125,14 @@ def load_bundle(paths: Iterable[Path], *, entrypoint: str, engine: str, key: str
         for f in files:
             if f.suffix == ".rego" and (include_tests or not f.name.endswith("_test.rego")):
                 try:
-                    modules.append((str(f), f.read_text("utf-8")))
+                    source = f.read_text("utf-8")
                 except (OSError, UnicodeDecodeError) as exc:
                     raise LoadError(key, f"cannot read {str(f)!r}: {exc}") from exc
+                deep = too_deep(source)
+                if deep is not None:
+                    raise LoadError(key, f"{f}:{deep}: '[' and '{{' nest deeper than {MAX_DEPTH} levels, which "
+                                         "the Rego parser takes exponential time to read")
+                modules.append((str(f), source))
             elif f.suffix == ".json":
                 json_files.append((f, key))
     for f, file_key in json_files:
