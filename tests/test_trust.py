@@ -625,3 +625,18 @@ def test_signed_certificate_with_a_subject_that_is_not_utf8_is_malformed(pki):
     tbs = pki.leaf.cert.tbs_certificate_bytes.replace(b"\x0c\x0bdemo client", b"\x0c\x0bdemo\xffclient")
     leaf = _signed_as_is(tbs, pki.inter)
     assert denied(ChainVerifier([bundle("a", pki.root)]), (leaf, pki.inter.der)) is reasons.CERT_MALFORMED
+
+
+def test_a_chain_that_is_a_large_certificates_digest_is_not_taken_for_it(pki: Pki) -> None:
+    """A large leaf is cached by its SHA-256, a small one by its DER: 32 bytes that are the large leaf's
+    digest are no certificate, never the identity cached for it."""
+    import hashlib
+
+    large = make_client(pki.inter, spiffe_id="spiffe://example.org/admin/ops",
+                        dns=tuple(f"host-{i}.internal.example.org" for i in range(250)))
+    assert len(large.der) > 4096
+    verifier = ChainVerifier([bundle("a", pki.root)])
+    assert verifier.verify(pki.chain(large), time.time()).spiffe_id == "spiffe://example.org/admin/ops"
+    for digest in (hashlib.sha256(large.der).digest(), hashlib.sha256(large.der).hexdigest().encode()):
+        assert denied(verifier, (digest, pki.inter.der)) is reasons.CERT_MALFORMED
+    assert verifier.verify(pki.chain(large), time.time()).spiffe_id == "spiffe://example.org/admin/ops"

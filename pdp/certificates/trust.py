@@ -142,8 +142,8 @@ class ChainVerifier:
         self._max_depth = max_chain_depth
         self._max_cache = max_cache_seconds
         #: By the leaf's DER (hashing the bytes costs a fraction of a SHA-256, and none at all for the same
-        #: bytes object again, which keeps its hash), or by its SHA-256 when it is a large certificate.
-        self._cache: ExpiringCache[bytes, CertIdentity] = ExpiringCache(cache_size)
+        #: bytes object again, which keeps its hash), or by its SHA-256 in hex when it is a large certificate.
+        self._cache: ExpiringCache[bytes | str, CertIdentity] = ExpiringCache(cache_size)
         self.revocation = revocation or OnlineRevocation(None)
         # A newly kept answer that revokes a certificate must not wait for cached identities to expire. The
         # generation keeps a verification that was under way when it came from caching what it verified.
@@ -168,7 +168,8 @@ class ChainVerifier:
         if not chain:
             raise Denied(reasons.CERT_MALFORMED, "empty certificate chain")
         leaf = chain[0]
-        key = leaf if len(leaf) <= _DER_KEY_MAX else hashlib.sha256(leaf).digest()
+        # A digest key is text, never bytes: no leaf (32 bytes of anything) can stand for a large certificate.
+        key: bytes | str = leaf if len(leaf) <= _DER_KEY_MAX else hashlib.sha256(leaf).hexdigest()
         cached = self._cache.get(key, now)
         if cached is not None and cached.not_before <= now:
             return cached
