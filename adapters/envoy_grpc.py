@@ -177,6 +177,8 @@ class _Rendered:
     metadata: Mapping[str, Any]
     #: The rest when it is only a decision id (its header and metadata member): the bytes around the id.
     around_id: tuple[bytes, bytes, bytes] | None
+    #: Names of the headers with further lines appended after them (``more_headers``).
+    appended: frozenset[str]
 
 
 #: Renderings of recent allows by their parts' id (each holds its parts: no id is reused while it is kept).
@@ -206,6 +208,10 @@ def render(decision: Decision) -> bytes:
     if any(name not in headers for name in kept.headers) or any(key not in metadata for key in kept.metadata):
         return _whole(decision)
     more_headers = {k: v for k, v in headers.items() if kept.headers.get(k) != v}
+    if any(k in kept.appended or not k.islower() for k in more_headers):
+        # Setting it again would drop the further lines kept after it (a second set-cookie), and a name
+        # in capitals may name a kept header to Envoy: only the whole rendering keeps the order.
+        return _whole(decision)
     more_metadata = {k: v for k, v in metadata.items() if kept.metadata.get(k, _ABSENT) != v}
     decision_id = decision.decision_id
     if kept.around_id is not None and more_headers == {parts.id_header: decision_id} \
@@ -263,7 +269,8 @@ def _render_parts(decision: Decision, parts: AllowedParts) -> _Rendered:
         pieces = _rest({parts.id_header: _ID_STAND_IN}, {"decision_id": _ID_STAND_IN}).split(_ID_STAND_IN.encode())
         if len(pieces) == 3:
             around_id = (pieces[0], pieces[1], pieces[2])
-    return _Rendered(parts, _whole(shared), headers, metadata, around_id)
+    appended = frozenset(name.lower() for name, _ in parts.more_headers)
+    return _Rendered(parts, _whole(shared), headers, metadata, around_id, appended)
 
 
 class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

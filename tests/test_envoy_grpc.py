@@ -436,6 +436,26 @@ def test_a_repeated_allow_renders_as_the_whole_response_would(make_pdp, pki, iss
     assert len({d.decision_id for d in decisions}) == 4
 
 
+def test_a_changed_header_with_further_lines_keeps_them(make_pdp, pki, issuer, tmp_path):
+    """A set-cookie the policy sets twice is one header and one appended line: a copy of the decision
+    with another first value still sends the appended line, as the whole rendering does."""
+    import dataclasses
+
+    from pdp.adapters.envoy_grpc import render, to_check_response
+
+    policy = tmp_path / "cookies"
+    policy.mkdir()
+    (policy / "p.rego").write_text('package pdp.authz\nimport rego.v1\nresult := {"allowed": true, '
+                                   '"headers": {"set-cookie": ["a=1", "b=2"]}}\n')
+    pdp = make_pdp(engine="regorus", policy_paths=[str(policy)])
+    first = pdp.decide(check_request(chain=pki.chain(), token=bound_token(issuer, pki.client)))
+    render(first)
+    changed = dataclasses.replace(first, headers={**first.headers, "set-cookie": "c=3"})
+    rendered = external_auth_pb2.CheckResponse.FromString(render(changed))
+    assert _effective(rendered) == _effective(to_check_response(changed))
+    assert _effective(rendered)["headers"]["set-cookie"] == ["c=3", "b=2"]
+
+
 def test_an_allow_changed_after_the_pipeline_is_rendered_whole(make_pdp, pki, issuer):
     """A decision copied with other headers (``dataclasses.replace``) keeps its parts: what differs from
     them is rendered, never the kept bytes alone."""
@@ -453,6 +473,7 @@ def test_an_allow_changed_after_the_pipeline_is_rendered_whole(make_pdp, pki, is
         dataclasses.replace(first, metadata={**first.metadata, "sub": "someone-else"}),
         dataclasses.replace(first, metadata={**first.metadata, "extra": {"nested": 1}}),
         dataclasses.replace(first, allowed=False, status=403, reason="policy_denied"),
+        dataclasses.replace(first, headers={**first.headers, "X-PDP-Subject": "someone-else"}),
     ]
     for decision in changed:
         rendered = external_auth_pb2.CheckResponse.FromString(render(decision))
