@@ -7,9 +7,13 @@ fires on OPA-Envoy and not on pdp would be a bypass.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import sys
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from email.encoders import encode_7or8bit
 from email.message import EmailMessage
 from email.mime.application import MIMEApplication
@@ -24,7 +28,7 @@ import httpx
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from servers import serve_pdp
 
@@ -121,6 +125,77 @@ def test_a_quoted_name_with_escapes() -> None:
                  # a backslash before a letter stands for itself (MSIE's file paths)
                  "--b0undary\r\nContent-Disposition: form-data; name=\"C:\\dir\"\r\n\r\n2\r\n")
     assert _parse(body) == ({'say "hi"': ["1"], "C:\\dir": ["2"]}, False)
+
+
+def test_a_backslash_before_a_plain_character_is_itself_not_a_crash() -> None:
+    # Python 3.11's re raised SystemError on these (a possessive repeat holding a capturing group)
+    body = b'--b\r\nContent-Disposition: form-data; name="\\;\\a"\r\n\r\nv\r\n--b--'
+    assert parse_body({"content-type": "multipart/form-data; boundary=b"}, body) == ({";\\a": ["v"]}, False)
+    body = b'--b\r\nContent-Disposition: form-data; filename="C:\\dir\\file"; name=a\r\n\r\nv\r\n--b--'
+    assert parse_body({"content-type": "multipart/form-data; boundary=b"}, body) == ({"a": ["v"]}, False)
+    content_type = 'multipart/form-data; boundary="\\;\\b"'
+    assert parse_media_type(content_type)[1] == {"boundary": ";\\b"}
+    body = b"--;\\b\r\nContent-Disposition: form-data; name=a\r\n\r\nv\r\n--;\\b--"
+    assert parse_body({"content-type": content_type}, body) == ({"a": ["v"]}, False)
+
+
+def _go_consume_value(v: str) -> tuple[str, str] | None:
+    """Go's ``mime.consumeValue`` for a quoted-string, line by line: (value, rest), None where Go gives up."""
+    out: list[str] = []
+    i = 1
+    while i < len(v):
+        c = v[i]
+        if c == '"':
+            return "".join(out), v[i + 1:]
+        if c == "\\" and i + 1 < len(v) and v[i + 1] in '()<>@,;:\\"/[]?=':
+            out.append(v[i + 1])
+            i += 2
+            continue
+        if c in "\r\n":
+            return None
+        out.append(c)
+        i += 1
+    return None
+
+
+# Quoted-string text from pieces, escapes and lone backslashes among them
+QUOTED_TEXT = st.lists(st.sampled_from(["\\", "\\;", "\\a", '\\"', "\\\\", '"', ";", "=", "a", " ", "\t", "\r",
+                                        "\n", "(", "/", "\xe9", "*", "'", "%"]), max_size=12).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(QUOTED_TEXT)
+def test_any_quoted_string_reads_as_go_reads_it(text: str) -> None:
+    found = multipart_body._consume_value('"' + text, 0)
+    expected = _go_consume_value('"' + text)
+    assert (None if found is None else (found[0], ('"' + text)[found[1]:])) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@example("\\;\\a", "", '; name="{}"', "; boundary=b{}")
+@example("", "\\;\\b", "; name={}", '; boundary="{}"')
+@given(QUOTED_TEXT, QUOTED_TEXT, st.sampled_from(['; name="{}"', "; name={}", '; filename="{}"; name=a', "{}",
+                                                  '; name*="{}"', "; name*0*={}"]),
+       st.sampled_from(['; boundary=b{}', '; boundary="{}"', '; boundary="b"; x="{}"', "{}"]))
+def test_any_parameters_parse_or_are_refused(disposition: str, media: str, disposition_form: str,
+                                             media_form: str) -> None:
+    body = f"--b\r\nContent-Disposition: form-data{disposition_form.format(disposition)}\r\n\r\nv\r\n--b--"
+    try:
+        parse_body({"content-type": "multipart/form-data" + media_form.format(media)}, body.encode())
+    except Denied as denied:
+        assert denied.reason is reasons.REQUEST_INVALID
+
+
+def test_no_possessive_quantifier_or_atomic_group_in_the_reader() -> None:
+    # Python 3.11's re mishandles them (SystemError): none in the patterns the reader compiles
+    reader = multipart_body._Reader(b"", b"b")
+    patterns = [p for p in [*vars(multipart_body).values(), *vars(reader).values()] if isinstance(p, re.Pattern)]
+    patterns.append(re.compile(multipart_body._DELIMITER_END))
+    assert len(patterns) >= 8
+    for pattern in patterns:
+        text = pattern.pattern if isinstance(pattern.pattern, str) else pattern.pattern.decode("latin-1")
+        unescaped = re.sub(r"\\\\.", "", text, flags=re.S)
+        assert not re.search(r"[*+?}]\+|\(\?>", unescaped), pattern
 
 
 def test_preamble_epilogue_padding_and_header_case() -> None:
@@ -261,6 +336,68 @@ def test_the_work_is_bounded() -> None:
     big_header = "X: " + "y" * 1000 + "\r\n"
     assert "headers" in _refused(_form(*[_part("a", "1", extra=big_header)] * 300))
     assert "boundary" in _refused(_form(_part("a", "1")), "multipart/form-data; boundary=" + "b" * 1001)
+
+
+def _crafted_bodies(size: int) -> dict[str, bytes]:
+    """Bodies of about ``size`` bytes made to cost a reader per line or per lookalike (boundary ``b``)."""
+    head = b"--b\r\nContent-Disposition: form-data; name=a\r\n"
+    qp = head + b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    return {
+        "lookalike preamble": b"--b-\n" * (size // 5) + head + b"\r\nv\r\n--b--",
+        "empty-line preamble": b"\n" * size + head + b"\r\nv\r\n--b--",
+        "near delimiters": head + b"\r\n" + b"\r\n--bX" * (size // 6) + b"\r\n--b--",
+        "quoted-printable of =x": qp + (b"=x" * 2000 + b"\r\n") * (size // 4002) + b"\r\n--b--",
+        "quoted-printable of ==": qp + (b"=" * 3999 + b"x\r\n") * (size // 4002) + b"\r\n--b--",
+    }
+
+
+def _parse_crafted(body: bytes) -> None:
+    assert parse_body({"content-type": "multipart/form-data; boundary=b"}, body)[0]["a"]
+
+
+def test_crafted_bodies_read_no_slower_than_json_of_their_size() -> None:
+    size = 4 << 20
+    array = b"[" + b"0," * (size // 2 - 1) + b"0]"
+
+    def best_of_3(read: Callable[[], object]) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    json_time = best_of_3(lambda: json.loads(array))
+    for label, body in _crafted_bodies(size).items():
+        assert best_of_3(functools.partial(_parse_crafted, body)) < 5 * json_time, label
+
+
+def test_crafted_preambles_and_values_take_few_steps_and_little_memory() -> None:
+    # Steps counted as Python and C function calls: one search per body, not one loop per line or lookalike
+    _parse_crafted(_crafted_bodies(1 << 10)["lookalike preamble"])  # the patterns compiled first
+    for label, body in _crafted_bodies(4 << 20).items():
+        if label.startswith("quoted-printable"):
+            continue  # a loop per line there, bounded by MAX_QP_LINES
+        calls = 0
+
+        def count(frame: object, event: str, arg: object) -> None:
+            nonlocal calls
+            calls += event in ("call", "c_call")
+
+        sys.setprofile(count)
+        try:
+            _parse_crafted(body)
+        finally:
+            sys.setprofile(None)
+        assert calls < len(body) // 1024, label
+        tracemalloc.start()
+        try:
+            _parse_crafted(body)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # the body as text (parse_body decodes it) and a value as bytes and text: never a list of its lines
+        assert peak < 4 * len(body), label
 
 
 @settings(max_examples=200, deadline=None)

@@ -228,6 +228,28 @@ def test_parse_body_as_the_plugin(headers: dict[str, str], body: str | bytes, ex
     assert parse_body(headers, body) == expected
 
 
+# The plugin reads content-length with Go's strconv.ParseInt(v, 10, 64) and refuses the request when it errs.
+@pytest.mark.parametrize("length", [
+    "1_000", " 99999", "99999 ", "9\n", "\uff19\uff19\uff19", "\u0663", "", "+", "-", "+-1", "--1", "0x10", "1e3",
+    "1.0", "9223372036854775808", "-9223372036854775809", "9" * 5000,
+])
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_content_length_is_read_as_go_parseint_reads_it(length: str, content_type: str) -> None:
+    with pytest.raises(Denied) as caught:
+        parse_body({"content-type": content_type, "content-length": length}, '{"a": 1}')
+    assert caught.value.reason.code == "request_invalid"
+
+
+@pytest.mark.parametrize(("length", "truncated"), [
+    ("8", False), ("+8", False), ("0008", False), ("0" * 5000 + "9", True), ("9", True), ("-1", False), ("-0", False),
+    ("-" + "0" * 5000 + "1", False), ("-9223372036854775808", False), ("9223372036854775807", True),
+])
+def test_content_length_go_accepts(length: str, truncated: bool) -> None:
+    expected = (None, True) if truncated else ({"a": 1}, False)
+    assert parse_body({"content-type": "application/json", "content-length": length}, '{"a": 1}') == expected
+
+
 @pytest.mark.parametrize(("content_type", "body"), [
     ("application/json", "{"), ("application/json", "NaN"), ("application/json", '{"a": 1} x'),
     ("application/x-www-form-urlencoded", "a=1;b=2"), ("application/x-www-form-urlencoded", "a=%zz"),

@@ -38,6 +38,8 @@ VERSION: dict[str, str] = {"ext_authz": "v3", "encoding": "protojson"}
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_INT64 = re.compile(r"[+-]?[0-9]+")
+_INT64_MAX = (1 << 63) - 1
 
 
 def parse_path(path: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -75,6 +77,21 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _content_length(value: str) -> int:
+    """``content-length`` as the plugin reads it (Go's ``strconv.ParseInt(v, 10, 64)``): a sign, then ASCII
+    digits only, within int64. Python's ``int()`` also takes spaces, ``_`` and other scripts' digits."""
+    if not _INT64.fullmatch(value):
+        raise Denied(reasons.REQUEST_INVALID, "content-length is not a number")
+    # Leading zeros are Go's too; without them, more than 19 digits is out of range (and int() never meets
+    # its 4300-digit limit).
+    digits = value[1:] if value[0] in "+-" else value
+    digits = digits.lstrip("0") or "0"
+    declared = (-1 if value[0] == "-" else 1) * (int(digits, 10) if len(digits) <= 19 else _INT64_MAX + 2)
+    if not -_INT64_MAX - 1 <= declared <= _INT64_MAX:
+        raise Denied(reasons.REQUEST_INVALID, "content-length is out of range")
+    return declared
+
+
 def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
     """(parsed_body, truncated_body) as opa-envoy-plugin computes them; ``Denied`` (``request_invalid``)
     for a body its content type says it is and it is not, or an unreadable ``content-length``."""
@@ -97,10 +114,7 @@ def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
     text = body if isinstance(body, str) else body.decode("utf-8", "replace")
     length = headers.get("content-length")
     if length is not None:
-        try:
-            declared = int(length.strip(), 10)
-        except ValueError:
-            raise Denied(reasons.REQUEST_INVALID, "content-length is not a number") from None
+        declared = _content_length(length)
         size = len(body) if isinstance(body, bytes) else len(text.encode("utf-8", "surrogatepass"))
         if declared != -1 and declared > size:
             return None, True

@@ -67,14 +67,18 @@ _BLANKS = re.compile(rb"[ \t]*")
 _SPACES = re.compile("[" + re.escape(_GO_SPACE) + "]*")
 _TOKEN = re.compile("[" + "".join(re.escape(chr(c)) for c in range(0x21, 0x7F) if chr(c) not in _TSPECIALS) + "]*")
 # A quoted-string as Go reads one: a backslash escapes a tspecial only, before anything else it is
-# itself (what MSIE sends for a file path); no CR or LF. Possessive: each backslash has one reading.
-_ESCAPED = re.compile("\\\\([" + re.escape("".join(sorted(_TSPECIALS))) + "])")
-_QUOTED = re.compile('"((?:' + _ESCAPED.pattern + '|[^"\r\n])*+)"')
-_LITERAL_EQUALS = re.compile(rb"=(?![0-9A-Fa-f]{2})")
+# itself (what MSIE sends for a file path); no CR or LF. Written as plain runs, each backslash taking the
+# character after it with it (a tspecial it escapes, or a plain character that is itself either way):
+# one reading per character, so a failed match backs off in linear time, and no possessive quantifier
+# (Python 3.11's re raises SystemError on one holding a capturing group).
+_QUOTED = re.compile(r'"([^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*)"')
+_ESCAPED = re.compile(r"\\([" + re.escape("".join(sorted(_TSPECIALS))) + "])")
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
 # What quoted-printable text may hold unescaped (Go: tab, CR, LF, printable ASCII, and any byte >= 0x80).
 _QP_BYTES = b"\t\n\r" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 _CRLF = b"\r\n"
+# What follows a boundary for it to be one (Go's matchAfterPrefix): white space, a line end, "--", the end.
+_DELIMITER_END = rb"(?=[ \t\r\n]|--|\Z)"
 
 
 class MultipartError(ValueError):
@@ -121,7 +125,9 @@ def _consume_value(v: str, i: int) -> tuple[str, int] | None:
         end = _token_end(v, i)
         return (v[i:end], end) if end > i else None
     quoted = _QUOTED.match(v, i)
-    return None if quoted is None else (_ESCAPED.sub(r"\1", quoted[1]), quoted.end())
+    # split keeps each escaped character as a piece of its own and drops its backslash (in C; sub with a
+    # "\1" template expands each match in Python).
+    return None if quoted is None else ("".join(_ESCAPED.split(quoted[1])), quoted.end())
 
 
 def _consume_param(v: str, i: int) -> tuple[str, str, int] | None:
@@ -260,11 +266,15 @@ def _quoted_printable(raw: bytes, budget: list[int]) -> bytes:
 
 def _qp_escapes(line: bytes) -> bytes:
     # Go reads "=" then two hex digits as a byte, and an "=" before anything else as itself unless
-    # it ends the line or comes before a CR; binascii reads the first the same, so the second is
-    # written as "=3D" first (linear: a fixed-length look-ahead).
+    # it ends the line or comes before a CR. binascii reads both the same but for "==", which it takes
+    # as one "=" (Go: a literal "=", then whatever the second one begins), so an "=" before another is
+    # written "=3D" first. bytes.replace keeps it in C whatever the line holds; a run of "=" takes two
+    # rounds, the first leaving "==" only where two of its replacements meet.
     if line.endswith(b"=") or b"=\r" in line:
         raise MultipartError("quoted-printable text with a bad escape")
-    return binascii.a2b_qp(_LITERAL_EQUALS.sub(b"=3D", line))
+    while b"==" in line:
+        line = line.replace(b"==", b"=3D=")
+    return binascii.a2b_qp(line)
 
 
 class _Reader:
@@ -281,6 +291,12 @@ class _Reader:
         self.nl = _CRLF
         self.dash_boundary = b"--" + boundary
         self.dash_boundary_dash = self.dash_boundary + b"--"
+        # A line that ends the preamble: a boundary line (CRLF or LF) or, while lines end in CRLF, the
+        # closing one (or the closing one without a line end, at the end of the body). One search in C
+        # finds it past any number of lines that only look like one ("--boundaryX").
+        preamble_end = re.escape(self.dash_boundary) + rb"(?:[ \t]*\r?\n|--[ \t]*(?:\r\n|\Z))"
+        self.preamble_end_here = re.compile(preamble_end)
+        self.preamble_end_later = re.compile(rb"\n" + preamble_end)
 
     def _line(self) -> tuple[bytes, bool]:
         """The next line with its LF, or what is left and True at the end (bufio ``ReadSlice``)."""
@@ -295,17 +311,24 @@ class _Reader:
         return self.data[start:end + 1], False
 
     def _skip_preamble(self) -> None:
-        """Up to the next line that begins with the boundary: the lines Go skips one by one (checking
-        only that each fits its buffer) skipped at once."""
+        """Up to the first line that is a boundary or the closing boundary: the lines Go skips one by one
+        (checking only that each fits its buffer) skipped at once, in a single pass."""
         data, start = self.data, self.pos
-        if data.startswith(self.dash_boundary, start):
+        if self.preamble_end_here.match(data, start):
             return
-        found = data.find(b"\n" + self.dash_boundary, start)
-        if found < 0:
+        found = self.preamble_end_later.search(data, start)
+        if found is None:
             raise MultipartError("the body ends before its closing boundary")
-        if max(map(len, data[start:found].split(b"\n"))) >= _GO_LINE_BUFFER:
-            raise MultipartError("a line between parts longer than Go reads")
-        self.pos = found + 1
+        end = found.start()
+        # No line before it as long as Go's buffer: every _GO_LINE_BUFFER bytes from a line's start hold
+        # an LF. Jumping to just past the last LF of each window takes two steps per window at most.
+        at = start
+        while end - at >= _GO_LINE_BUFFER:
+            lf = data.rfind(b"\n", at, at + _GO_LINE_BUFFER)
+            if lf < 0:
+                raise MultipartError("a line between parts longer than Go reads")
+            at = lf + 1
+        self.pos = end + 1
 
     def _is_final_boundary(self, line: bytes) -> bool:
         if not line.startswith(self.dash_boundary_dash):
@@ -403,7 +426,8 @@ class _Reader:
             raise LimitExceeded("too many part headers")
 
     def _matches_after(self, at: int) -> bool:
-        """Whether a boundary prefix ending at ``at`` is a boundary (Go's ``matchAfterPrefix``)."""
+        """Whether a boundary prefix ending at ``at`` is a boundary (Go's ``matchAfterPrefix``; ``_DELIMITER_END``
+        is the same test for a search)."""
         if at == len(self.data):
             return True
         c = self.data[at]
@@ -414,20 +438,18 @@ class _Reader:
     def _body(self) -> bytes:
         """The part's body, up to the CRLF before the next boundary (Go's ``scanUntilBoundary``)."""
         data, start = self.data, self.pos
-        nl_dash_boundary = self.nl + self.dash_boundary
         search = start
         if data.startswith(self.dash_boundary, start):
             if self._matches_after(start + len(self.dash_boundary)):
                 return b""
             search = start + len(self.dash_boundary)
-        while True:
-            i = data.find(nl_dash_boundary, search)
-            if i < 0:
-                raise MultipartError("the body ends before its closing boundary")
-            if self._matches_after(i + len(nl_dash_boundary)):
-                self.pos = i
-                return data[start:i]
-            search = i + len(nl_dash_boundary)
+        # One search in C past every "\r\n--boundaryX" that is not a delimiter (Go steps over each one;
+        # two candidates cannot overlap, as a boundary holds no CR or LF, so the first match is Go's).
+        found = re.compile(re.escape(self.nl + self.dash_boundary) + _DELIMITER_END).search(data, search)
+        if found is None:
+            raise MultipartError("the body ends before its closing boundary")
+        self.pos = found.start()
+        return data[start:self.pos]
 
 
 def _form_name(headers: dict[str, list[str]]) -> str:
