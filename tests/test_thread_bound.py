@@ -128,3 +128,27 @@ def test_evaluators_in_a_thread_cache_are_freed_on_their_thread_when_it_ends(unr
     gc.collect()
     assert unraisable == []
     assert thread_bound.kept_count() == kept
+
+
+def test_engines_of_threads_still_running_at_exit_are_kept_without_a_traceback() -> None:
+    """At exit the interpreter clears the threads still running (daemon threads) from the main thread:
+    their engines, the policy's and ``re_match``'s, are kept rather than freed there, and nothing is
+    printed."""
+    import subprocess
+    import sys
+
+    script = """
+import threading, time
+from pdp.policy.engine import PolicyBundle, PolicyEngine
+policy = 'package p\\nx := re_match("a+", input.s)\\n'
+engine = PolicyEngine(PolicyBundle((("p.rego", policy),), {}, "data.p.x", "regorus", "v0"))
+ready = threading.Event()
+def serve():
+    assert engine.evaluate({"s": "aaa"}) is True
+    ready.set()
+    time.sleep(60)
+threading.Thread(target=serve, daemon=True).start()
+assert ready.wait(30)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (0, "")

@@ -42,6 +42,13 @@ class _Slot:
         self.caches: dict[str, dict[Any, Any]] = {}
 
     def __del__(self) -> None:
+        if threading.get_ident() != self.thread.ident:
+            # Another thread frees this one's storage: at exit, the interpreter clears the threads still
+            # running (daemon threads) from the main thread. Nothing of it may be freed there: keep it all.
+            with _LOCK:
+                self.thread.ident = None
+                _KEPT.extend((self.caches, self.thread.orphans))
+            return
         # Free what is ours while this thread still counts as its owner, then let later comers know it
         # has gone.
         self.caches.clear()

@@ -10,12 +10,10 @@ cross threads), so both names answer alike.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from pdp.policy.builtins._types import BuiltinError, operand, rego_order, type_name
-
-_LOCAL = threading.local()
+from pdp.policy.thread_bound import ThreadBound, thread_cache
 
 
 def _collection(name: str, value: Any) -> list[Any]:
@@ -80,14 +78,15 @@ def cast_object(x: Any) -> dict[Any, Any]:
 
 
 def _regex_engine() -> Any:
-    engine = getattr(_LOCAL, "regex", None)
-    if engine is None:
+    cache: dict[str, ThreadBound[Any]] = thread_cache("re_match")  # freed on this thread (``thread_bound``)
+    held = cache.get("engine")
+    if held is None:
         import regorus
 
         engine = regorus.Engine()
         engine.add_policy("re_match.rego", "package pdp_re_match\n\nmatch := regex.match(input[0], input[1])\n")
-        _LOCAL.regex = engine
-    return engine
+        held = cache["engine"] = ThreadBound(engine)
+    return held.value
 
 
 def re_match(pattern: Any, value: Any) -> bool:
