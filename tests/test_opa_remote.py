@@ -14,8 +14,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import socket
 import ssl
+import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -63,6 +67,12 @@ class OpaStandIn:
         self.status = 200  # of ``mode = "body"``, with ``body``
         self.body = b""
         self.pieces: list[tuple[float, bytes]] = []  # ``mode = "raw"``: (wait, bytes) written as they are
+        # The next ``hang_ups`` requests are read, left unanswered for ``hang_up_wait`` seconds and their
+        # connection closed (with an RST when ``hang_up_reset``), as a server closing an idle connection
+        # just as a request arrives on it.
+        self.hang_ups = 0
+        self.hang_up_wait = 0.0
+        self.hang_up_reset = False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -107,6 +117,15 @@ class OpaStandIn:
                                     "authorization": self.headers.get("authorization"), "input": body["input"],
                                     "accept-encoding": self.headers.get("accept-encoding")})
                 mode = outer.mode
+                with counting:
+                    hang_up, outer.hang_ups = outer.hang_ups > 0, max(0, outer.hang_ups - 1)
+                if hang_up:
+                    time.sleep(outer.hang_up_wait)
+                    if outer.hang_up_reset:  # closed with a linger of 0 s and no shutdown first: an RST alone
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()  # the descriptor goes once finish() closes rfile and wfile
+                    self.close_connection = True
+                    return
                 if outer.delay:
                     time.sleep(outer.delay)
                 if mode == "raw":  # the answer's bytes as given, then the connection closes
@@ -172,6 +191,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # as a Go server's: many connections at once are accepted, not reset
     block_on_close = False
+    closed = 0  # connections the server has closed (its FIN or RST sent)
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self.closed += 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # pdp hangs up on an answer it will not read to the end (too large, too slow): expected here
@@ -527,17 +551,160 @@ ANSWER_SHAPES = {
 }
 
 
+@pytest.fixture
+def busy_cpu() -> Iterator[None]:
+    """Every CPU busy while the test runs (a process spinning on each) and a thread of the test's own
+    process spinning too: pdp's threads and the stand-in's get the CPU, and the GIL, late and in any order."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 @pytest.mark.parametrize("shape", ANSWER_SHAPES)
-def test_an_answer_that_closes_the_connection_is_read_to_its_end(write_setup, opa, shape):
+def test_an_answer_that_closes_the_connection_is_read_to_its_end(write_setup, opa, shape, busy_cpu):
     """http.client closes the socket of a ``Connection: close`` answer before its body is read: the
-    answer's reader keeps the descriptor open until it is done."""
+    answer's reader keeps the descriptor open until it is done. Under load, the stand-in's close of a
+    keep-alive answer may reach pdp before or after the next decision's request: both are allowed."""
     opa.mode, opa.pieces = "raw", ANSWER_SHAPES[shape]
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=5.0)))
     try:
         decisions = [decide(pdp) for _ in range(3)]
     finally:
         pdp.close()
     assert [(d.allowed, d.reason) for d in decisions] == [(True, "allowed")] * 3, decisions[0].message
+
+
+# -- kept connections the server closed: replaced, never a refused decision
+
+def _asked_again(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("asking on a new one" in record.getMessage() for record in caplog.records)
+
+
+def _wait_until(condition: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "the stand-in did not get there in 5 s"
+        time.sleep(0.01)
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_before_the_request_is_sent(write_setup, opa, caplog):
+    """The stand-in closes each connection right after its answer (a keep-alive answer, no ``Connection:
+    close``); the next decision comes once its FIN has arrived: seen, and a new connection carries it."""
+    caplog.set_level(logging.DEBUG, logger="pdp.policy")
+    opa.mode, opa.pieces = "raw", [(0.0, _head("1.1", ALLOW_ANSWER) + ALLOW_ANSWER)]
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
+    try:
+        decisions = []
+        for n in range(1, 4):
+            decisions.append(decide(pdp))
+            _wait_until(lambda: opa.server.closed == n)  # noqa: B023 -- called before n changes
+            time.sleep(0.05)  # the FIN on its way over loopback
+    finally:
+        pdp.close()
+    assert [(d.allowed, d.reason) for d in decisions] == [(True, "allowed")] * 3, decisions[-1].message
+    assert opa.connections == 3 and len(opa.asked) == 3
+    assert _asked_again(caplog) == 0  # seen before the request went out: nothing was sent twice
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_a_kept_connection_closed_as_the_request_arrives_is_asked_again_on_a_new_one(write_setup, opa, caplog,
+                                                                                     reset):
+    """The stand-in reads the request and closes the connection without an answer: nothing showed before
+    the request was sent, so the request goes once more, on a new connection."""
+    caplog.set_level(logging.DEBUG, logger="pdp.policy")
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
+    try:
+        first = decide(pdp)
+        opa.hang_ups, opa.hang_up_reset = 1, reset
+        second, third = decide(pdp), decide(pdp)
+    finally:
+        pdp.close()
+    assert [(d.allowed, d.reason) for d in (first, second, third)] == [(True, "allowed")] * 3, second.message
+    # first, the one hung up, the same asked again on a new connection, third on that connection, kept
+    assert len(opa.asked) == 4 and opa.connections == 2
+    assert _asked_again(caplog) == 1
+
+
+def test_a_request_is_asked_again_once_at_most(write_setup, opa, caplog):
+    caplog.set_level(logging.DEBUG, logger="pdp.policy")
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
+    try:
+        assert decide(pdp).allowed is True
+        opa.hang_ups = 2  # the kept connection, then the new one
+        decision = decide(pdp)
+    finally:
+        pdp.close()
+    assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
+    assert decision.message == "the policy engine cannot be reached"
+    assert len(opa.asked) == 3 and opa.connections == 2
+    assert _asked_again(caplog) == 1
+
+
+def test_a_request_that_fails_on_a_new_connection_is_not_asked_again(write_setup, opa, caplog):
+    caplog.set_level(logging.DEBUG, logger="pdp.policy")
+    opa.hang_ups = 1
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
+    try:
+        decision = decide(pdp)
+    finally:
+        pdp.close()
+    assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
+    assert len(opa.asked) == 1 and opa.connections == 1
+    assert _asked_again(caplog) == 0
+
+
+@pytest.mark.parametrize("piece", [b"HTTP/1.1 2", _head("1.1", ALLOW_ANSWER), _head("1.1", ALLOW_ANSWER) + b"{"],
+                         ids=["part-of-the-status-line", "head-without-body", "part-of-the-body"])
+def test_a_kept_connection_that_fails_after_a_byte_of_the_answer_is_not_asked_again(write_setup, opa, caplog,
+                                                                                      piece):
+    caplog.set_level(logging.DEBUG, logger="pdp.policy")
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
+    try:
+        first = decide(pdp)
+        opa.mode, opa.pieces = "raw", [(0.0, piece)]  # then the connection closes
+        second = decide(pdp)
+    finally:
+        pdp.close()
+    assert (first.allowed, first.reason) == (True, "allowed")
+    assert (second.allowed, second.reason) == (False, "policy_unavailable")
+    assert len(opa.asked) == 2 and opa.connections == 1
+    assert _asked_again(caplog) == 0
+
+
+@pytest.mark.parametrize(("hang_up_after", "asked_again"), [(0.3, 1), (0.8, 0)],
+                         ids=["within-the-timeout", "past-the-timeout"])
+def test_asking_again_never_passes_the_timeout(write_setup, opa, caplog, hang_up_after, asked_again):
+    """A kept connection closed unanswered 0.3 s into a 0.5 s exchange: the request asked again on a new
+    connection has the 0.2 s left, not a timeout of its own. Closed after 0.5 s: the exchange is over."""
+    caplog.set_level(logging.DEBUG, logger="pdp.policy")
+    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=0.5)))
+    try:
+        assert decide(pdp).allowed is True
+        opa.hang_ups, opa.hang_up_wait, opa.delay = 1, hang_up_after, 2.0
+        started = time.monotonic()
+        decision = decide(pdp)
+        took = time.monotonic() - started
+    finally:
+        pdp.close()
+    assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
+    assert decision.message == "the policy engine did not answer within 0.5 s"
+    assert 0.45 < took < 0.8
+    assert _asked_again(caplog) == asked_again
+    assert len(opa.asked) == 2 + asked_again and opa.connections == 1 + asked_again
 
 
 def test_a_compressed_answer_is_refused_unread_and_identity_is_asked_for(write_setup, opa):

@@ -12,7 +12,9 @@ Every failure on the way is a deny with ``policy_unavailable`` (503), never an a
 complete answer within ``policy.opa.timeout``, a status other than 200, a ``Content-Encoding``, an answer
 that is not a strict JSON object (RFC 8259, read by ``pdp.credentials.jose.json_object``: no duplicate
 member, no NaN, no number out of range, UTF-8 only) or is larger than ``policy.opa.max_answer_bytes``.
-All ``policy.opa.max_connections`` connections in use until the deadline is that deny too. What the
+All ``policy.opa.max_connections`` connections in use until the deadline is that deny too. A kept
+connection the server closed meanwhile is not a failure: the request goes on a new one (once, within the
+deadline, and only while nothing of an answer was read: ``pdp.policy.opa_session``). What the
 caller is told names no address; the log names the server (a warning when OPA stops answering, one
 when it answers again). ``/readyz`` (``health``) wants OPA's ``/health`` to answer and no decision
 refused within the last ``policy.opa.unready_after_failure`` seconds.

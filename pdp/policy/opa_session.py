@@ -8,8 +8,8 @@ through a file whose every ``recv`` waits at most until the exchange's deadline 
 ``AnswerTooLarge`` inside, which ``requests`` reports as one of its ``RequestException``s, and
 ``Exchange`` says which it was.
 
-Nothing else of ``requests`` changes what is sent: no retries (each would spend the same deadline), no
-redirects (the input document holds a request's verified claims: it goes to the configured server
+Nothing else of ``requests`` changes what is sent: no retries of its own (each would spend the same
+deadline), no redirects (the input document holds a request's verified claims: it goes to the configured server
 only), no proxy, ``.netrc`` or CA bundle taken from the environment. Answers are asked for and read as
 sent (``Accept-Encoding: identity``; ``send`` refuses any other ``Content-Encoding`` unread): what is
 bounded is what is parsed, never a compressed answer that inflates past it.
@@ -24,6 +24,17 @@ to share). ``ClientPool`` lends them: at most ``size`` clients exist at once, le
 deadline (``NoFreeConnection`` past it). A client goes back after an exchange that ended well (its
 connection stays open for the next one, HTTP/1.1 keep-alive); a client whose exchange failed (its
 connection may hold the rest of an answer) is closed, and its place freed.
+
+A kept connection may have been closed by the server meanwhile (OPA's Go server closes idle keep-alive
+connections, a proxy on the way may too). Before a kept connection carries a request, ``urllib3`` looks
+whether it became readable (``is_connection_dropped``: a poll with no wait; an idle connection has
+nothing to say, so the server's FIN, RST or any stray byte means it is done) and opens a new one instead.
+The close can still cross the request (it comes while the request is on its way, or the server reads the
+request and hangs up): then, as Go's ``net/http`` does on a reused connection, the request is sent once
+more, on a new connection of the same client (its place in the pool), within the same deadline, and only
+when nothing of an answer was read and the failed connection was a kept one (``send``). A Data API query
+changes nothing on OPA, so asking it twice is safe; a request that failed on a connection of its own, or
+after any byte of an answer, is never sent again.
 
 Name resolution is within the deadline too. ``getaddrinfo`` cannot be interrupted, so a name is looked
 up on a thread of its own and the exchange waits for the answer at most until its deadline (then it
@@ -62,6 +73,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 
+log = logging.getLogger("pdp.policy")
+
 #: At most this many names are looked up at once (each on a thread of its own), in the whole process.
 RESOLVER_THREADS = 4
 
@@ -88,6 +101,8 @@ class Exchange:
     timed_out: bool = False
     too_large: bool = False
     status: int | None = None
+    opened: int = 0  # connections opened (or tried) for the exchange; none: it went on a kept one
+    asked_again: bool = False  # the request was sent again after a kept connection failed
 
 
 _CURRENT = threading.local()
@@ -223,6 +238,8 @@ def _open_socket(conn: HTTPConnection) -> socket.socket:
     exchange: Exchange | None = getattr(_CURRENT, "exchange", None)
     timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
     deadline = exchange.deadline if exchange is not None else time.monotonic() + (timeout or 0.5)
+    if exchange is not None:
+        exchange.opened += 1  # from the name lookup on: whatever fails here failed on a new connection
     host, port = conn._dns_host.strip("[]"), conn.port or 0
     family = allowed_gai_family()
     try:
@@ -358,7 +375,31 @@ def new_client(url: str, *, timeout: float, token: str | None = None,
 def send(client: OpaClient, method: str, url: str, document: dict[str, Any] | None = None) -> tuple[int, bytes]:
     """One exchange on ``client``'s connection: the answer's status and its body as it was sent (never
     inflated). Within ``bounded``, the body is at most the exchange's ``max_bytes``; an answer with a
-    ``Content-Encoding`` other than identity is ``EncodedAnswer``, its body unread."""
+    ``Content-Encoding`` other than identity is ``EncodedAnswer``, its body unread. A kept connection that
+    fails before any byte of the answer is replaced by a new one and the request sent on it, once, within
+    the deadline (see the module's docstring)."""
+    exchange: Exchange | None = getattr(_CURRENT, "exchange", None)
+    try:
+        return _send(client, method, url, document)
+    except requests.ConnectionError as exc:
+        if exchange is None or not _may_ask_again(exchange):
+            raise
+        log.debug("policy.opa: a kept connection to %s failed before any answer (%r): asking on a new one",
+                  client.root_url, exc)
+        exchange.asked_again = True
+    # urllib3 closed the failed connection: the client's next request opens a new one.
+    return _send(client, method, url, document)
+
+
+def _may_ask_again(exchange: Exchange) -> bool:
+    """Whether a request whose connection failed may be sent once more: it went on a kept connection (none
+    was opened for it), nothing of an answer came (not a byte, no status), it was not sent again already,
+    and the exchange has time left."""
+    return (exchange.opened == 0 and exchange.read == 0 and exchange.status is None and not exchange.asked_again
+            and not exchange.timed_out and not exchange.too_large and time.monotonic() < exchange.deadline)
+
+
+def _send(client: OpaClient, method: str, url: str, document: dict[str, Any] | None) -> tuple[int, bytes]:
     session: requests.Session = client._session
     response = session.request(method, url, json=document, timeout=client.timeout, stream=True)
     try:
