@@ -25,7 +25,6 @@ which in a process of eight busy threads cost each decision twice its CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -45,7 +44,7 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from pdp import reasons
-from pdp.allowed import AllowedParts
+from pdp.allowed import ID_STAND_IN, AllowedParts
 from pdp.certificates.pem import read_pem_chain
 from pdp.decision import Decision
 from pdp.errors import NeedsNetwork
@@ -166,111 +165,34 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     return response
 
 
-@dataclass(frozen=True, slots=True)
-class _Rendered:
-    """An allow's ``CheckResponse`` without what differs from one decision to the next: its bytes, and the
-    headers and metadata members they hold."""
-
-    parts: AllowedParts
-    data: bytes
-    headers: Mapping[str, str]
-    metadata: Mapping[str, Any]
-    #: The rest when it is only a decision id (its header and metadata member): the bytes around the id.
-    around_id: tuple[bytes, bytes, bytes] | None
-    #: Names of the headers with further lines appended after them (``more_headers``).
-    appended: frozenset[str]
-
-
-#: Renderings of recent allows by their parts' id (each holds its parts: no id is reused while it is kept).
-_RENDERED: dict[int, _Rendered] = {}
+#: Renderings of recent allows by their parts' id, as the bytes around the decision id (each holds its
+#: parts: no id is reused while it is kept).
+_RENDERED: dict[int, tuple[AllowedParts, list[bytes]]] = {}
 _RENDERED_KEPT = 1024
 
 
 def render(decision: Decision) -> bytes:
     """The serialized ``CheckResponse`` for ``decision``.
 
-    An allow made from the same facts as one before (``decision.parts``) is the kept bytes of everything
-    the two share, then a small ``CheckResponse`` with the rest (the decision id's header and metadata
-    member). A protobuf parser merges a message field that appears twice (a repeated field's items are
-    concatenated, a map's entries added, the later one winning), so Envoy reads one response holding
-    all of it. When the rest is only the decision id, even that is kept, as the bytes around the id.
-    Anything that does not match the kept rendering is rendered whole."""
+    An allow made from the same facts as one before, and unchanged since (``AllowedParts.plain``), is
+    rendered once with a stand-in for its id; that rendering is kept, cut where the id goes, and each
+    such decision is its pieces joined by its own id: the same bytes as rendering it whole, since an id
+    is as long as the stand-in."""
     parts = decision.parts
-    if parts is None or not decision.allowed or not _renders_parts(decision, parts):
+    if parts is None or not parts.plain(decision):
         return _whole(decision)
     kept = _RENDERED.get(id(parts))
-    if kept is None or kept.parts is not parts:
-        kept = _render_parts(decision, parts)
+    if kept is None or kept[0] is not parts:
+        kept = (parts, _whole(parts.stand_in(decision)).split(ID_STAND_IN.encode()))
         if len(_RENDERED) >= _RENDERED_KEPT:
             _RENDERED.clear()
         _RENDERED[id(parts)] = kept
-    headers, metadata = decision.headers, decision.metadata
-    if any(name not in headers for name in kept.headers) or any(key not in metadata for key in kept.metadata):
-        return _whole(decision)
-    more_headers = {k: v for k, v in headers.items() if kept.headers.get(k) != v}
-    if any(k in kept.appended or not k.islower() for k in more_headers):
-        # Setting it again would drop the further lines kept after it (a second set-cookie), and a name
-        # in capitals may name a kept header to Envoy: only the whole rendering keeps the order.
-        return _whole(decision)
-    more_metadata = {k: v for k, v in metadata.items() if kept.metadata.get(k, _ABSENT) != v}
-    decision_id = decision.decision_id
-    if kept.around_id is not None and more_headers == {parts.id_header: decision_id} \
-            and more_metadata == {"decision_id": decision_id} and len(decision_id) == _ID_LENGTH \
-            and decision_id.isascii():
-        before, between, after = kept.around_id
-        text = decision_id.encode()
-        return kept.data + before + text + between + text + after
-    if not all(isinstance(v, str) for v in more_metadata.values()):
-        return _whole(decision)
-    return kept.data + _rest(more_headers, more_metadata)
-
-
-def _rest(headers: Mapping[str, str], metadata: Mapping[str, str]) -> bytes:
-    """A ``CheckResponse`` holding only these allow headers and metadata members, serialized."""
-    rest = external_auth_pb2.CheckResponse()
-    _add_headers(rest.ok_response.headers, headers)
-    fields = rest.dynamic_metadata.fields
-    for key, value in metadata.items():
-        fields[key].string_value = value
-    data: bytes = rest.SerializeToString()
-    return data
-
-
-#: A decision id's length (``pdp.decision.new_decision_id``: UUID text).
-_ID_LENGTH = 36
-_ID_STAND_IN = "\x00" * _ID_LENGTH
+    return decision.decision_id.encode().join(kept[1])
 
 
 def _whole(decision: Decision) -> bytes:
     data: bytes = to_check_response(decision).SerializeToString()
     return data
-
-
-_ABSENT = object()
-
-
-def _renders_parts(decision: Decision, parts: AllowedParts) -> bool:
-    """Whether everything but the headers and metadata of ``decision`` is what its parts say."""
-    outcome = parts.outcome
-    return (decision.headers_to_remove is parts.headers_to_remove and decision.more_headers is parts.more_headers
-            and decision.response_headers is parts.response_headers
-            and decision.more_response_headers is parts.more_response_headers
-            and decision.query_to_set is outcome.query_to_set and decision.query_to_remove is outcome.query_to_remove)
-
-
-def _render_parts(decision: Decision, parts: AllowedParts) -> _Rendered:
-    headers = dict(parts.upstream)
-    headers.update(parts.outcome_headers)
-    metadata = parts.metadata_rest
-    shared = dataclasses.replace(decision, headers=headers, metadata=metadata, parts=None)
-    around_id = None
-    if parts.id_header:
-        # The rest of an allow from these parts with a stand-in id, cut where the id goes (twice).
-        pieces = _rest({parts.id_header: _ID_STAND_IN}, {"decision_id": _ID_STAND_IN}).split(_ID_STAND_IN.encode())
-        if len(pieces) == 3:
-            around_id = (pieces[0], pieces[1], pieces[2])
-    appended = frozenset(name.lower() for name, _ in parts.more_headers)
-    return _Rendered(parts, _whole(shared), headers, metadata, around_id, appended)
 
 
 class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

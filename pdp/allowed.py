@@ -12,8 +12,11 @@ caches), so that a repeated allow costs the decision id and little else.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import urllib.parse
+import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +25,20 @@ from pdp import reasons
 if TYPE_CHECKING:
     from pdp.certificates.identity import CertIdentity
     from pdp.credentials.tokens import VerifiedToken
+    from pdp.decision import Decision
     from pdp.pipeline import DecisionSettings
     from pdp.policy.result import PolicyOutcome
 
 #: Headers named 'x-pdp-*' are pdp's to set: a client's own never reach the upstream. Spelt with '_' too
 #: ('x_pdp_subject'): CGI, WSGI and Rack upstreams read '_' and '-' in a name alike.
 _PDP_HEADER = re.compile(r"x[-_]pdp[-_]")
+#: An id that reads the same in every rendering (no character JSON or a header would escape).
+_PLAIN_ID = re.compile(r"[0-9A-Za-z-]+")
 #: How many sets of facts keep their parts; past it, the parts are made again as they were at first.
 KEPT = 1024
+#: Stands for the decision id in a rendering kept for a set of facts (``AllowedParts.stand_in``): as long
+#: as an id, and drawn at random when pdp starts, so that no request, token or policy can hold it.
+ID_STAND_IN = str(uuid.UUID(bytes=os.urandom(16)))
 
 
 def header_value(value: str) -> str:
@@ -122,6 +131,23 @@ class AllowedParts:
 
     def fits(self, identity: CertIdentity | None, token: VerifiedToken | None, outcome: PolicyOutcome) -> bool:
         return self.identity is identity and self.token is token and self.outcome is outcome
+
+    def plain(self, decision: Decision) -> bool:
+        """Whether ``decision`` is what these parts make with its own id, nothing in it changed since: a
+        rendering of ``stand_in(decision)`` with the id put in place of ``ID_STAND_IN`` is its rendering."""
+        d, decision_id, outcome = decision, decision.decision_id, self.outcome
+        return (d.parts is self and d.allowed and d.status == 200 and d.reason == self.reason
+                and d.message == "allowed" and not d.body and d.headers_to_remove is self.headers_to_remove
+                and d.response_headers is self.response_headers and d.more_headers is self.more_headers
+                and d.more_response_headers is self.more_response_headers and d.query_to_set is outcome.query_to_set
+                and d.query_to_remove is outcome.query_to_remove and len(decision_id) == len(ID_STAND_IN)
+                and _PLAIN_ID.fullmatch(decision_id) is not None and d.headers == self.headers(decision_id)
+                and d.metadata == self.metadata(decision_id))
+
+    def stand_in(self, decision: Decision) -> Decision:
+        """``decision`` (``plain``) with ``ID_STAND_IN`` for its id, to be rendered once and kept."""
+        return dataclasses.replace(decision, decision_id=ID_STAND_IN, headers=self.headers(ID_STAND_IN),
+                                   metadata=self.metadata(ID_STAND_IN), parts=None)
 
     def headers(self, decision_id: str) -> dict[str, str]:
         upstream = self.upstream.copy()

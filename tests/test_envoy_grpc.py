@@ -376,7 +376,7 @@ def test_dpop_through_envoy_rebuilds_htu_from_scheme_host_and_path(envoy, pki, i
     assert challenge.startswith("DPoP ")
 
 
-# -- a repeated allow is rendered from kept bytes: Envoy must read the same response as a whole rendering
+# -- a repeated allow is rendered from kept bytes: the same bytes as a whole rendering
 
 RICH = """package pdp.authz
 import rego.v1
@@ -430,6 +430,7 @@ def test_a_repeated_allow_renders_as_the_whole_response_would(make_pdp, pki, iss
                  for _ in range(4)]
     assert all(d.allowed for d in decisions) and decisions[1].parts is decisions[0].parts
     for decision in decisions:
+        assert render(decision) == to_check_response(decision).SerializeToString()  # byte for byte
         rendered = external_auth_pb2.CheckResponse.FromString(render(decision))
         assert _effective(rendered) == _effective(to_check_response(decision))
         assert rendered.dynamic_metadata.fields["decision_id"].string_value == decision.decision_id
