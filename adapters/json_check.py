@@ -20,11 +20,13 @@ when there are any, and the ``explanation`` (the step trace).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
+from pdp.allowed import ID_STAND_IN, AllowedParts
 from pdp.certificates.pem import read_pem_chain
-from pdp.decision import Decision
+from pdp.decision import Decision, Step
 from pdp.request_reader import RawRequest, Via
 
 _FIELDS = frozenset({"method", "path", "host", "scheme", "headers", "client_cert", "source_address",
@@ -117,3 +119,30 @@ def render(decision: Decision, explain: bool = True) -> dict[str, Any]:
     if explain:
         out["explanation"] = decision.explanation()
     return out
+
+
+def document(content: Any) -> bytes:
+    """An answer document as ASCII JSON: whatever text a refusal quotes (a lone surrogate in a member name
+    of the request document), the answer can always be written."""
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+#: Answers of recent allows by their parts' id: the parts, the steps, the text around the decision id.
+_KEPT: dict[int, tuple[AllowedParts, tuple[Step, ...], list[bytes]]] = {}
+_KEPT_MAX = 1024
+
+
+def answer(decision: Decision) -> bytes:
+    """``document(render(decision))``. An allow made from the same facts as one before and unchanged since
+    (``AllowedParts.plain``), with the same steps, is the text kept for it with its own id put in place of
+    the stand-in: the same bytes, since an id is as long as the stand-in and needs no escaping."""
+    parts = decision.parts
+    if parts is None or not parts.plain(decision):
+        return document(render(decision))
+    kept = _KEPT.get(id(parts))
+    if kept is None or kept[0] is not parts or kept[1] != decision.steps:
+        kept = (parts, decision.steps, document(render(parts.stand_in(decision))).split(ID_STAND_IN.encode()))
+        if len(_KEPT) >= _KEPT_MAX:
+            _KEPT.clear()
+        _KEPT[id(parts)] = kept
+    return decision.decision_id.encode().join(kept[2])

@@ -215,3 +215,24 @@ def test_arbitrary_documents_parse_or_are_refused(doc: Any) -> None:
     assert all(isinstance(k, str) and k == k.lower() and isinstance(v, str) for k, v in req.headers.items())
     assert all(isinstance(d, bytes) and d for d in req.client_cert_chain)
     assert req.client_cert_error is None or (isinstance(req.client_cert_error, str) and not req.client_cert_chain)
+
+
+def test_a_repeated_allow_is_answered_with_the_same_bytes_as_a_whole_rendering(make_pdp: Any, pki: Any,
+                                                                               issuer: Any) -> None:
+    """Repeated allows reuse a kept answer with their own id put in: byte for byte the whole rendering,
+    however the steps change (a first decision's policy step differs from a repeated one's) and whatever
+    was changed in a decision since it was made."""
+    import dataclasses
+
+    from pdp.adapters.json_check import answer, document
+
+    pdp = make_pdp()
+    token = bound_token(issuer, pki.client)
+    decisions = [pdp.decide(check_request(chain=pki.chain(), token=token)) for _ in range(4)]
+    assert decisions[0].steps != decisions[1].steps and decisions[1].parts is decisions[0].parts
+    changed = [dataclasses.replace(decisions[1], headers={**decisions[1].headers, "x-pdp-subject": "other"}),
+               dataclasses.replace(decisions[1], decision_id='"quoted"-id-of-thirty-six-characters'),
+               dataclasses.replace(decisions[1], status=415)]
+    for decision in [*decisions, *changed, decisions[0]]:
+        assert answer(decision) == document(render(decision))
+    assert len({json.loads(answer(d))["decision_id"] for d in decisions}) == 4

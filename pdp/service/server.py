@@ -33,7 +33,8 @@ from starlette.routing import Route
 from pdp import reasons
 from pdp.adapters import http_authz, introspection
 from pdp.adapters.asgi import scope_to_raw
-from pdp.adapters.json_check import RequestDocumentError, parse_request, render
+from pdp.adapters.json_check import RequestDocumentError, document, parse_request, render
+from pdp.adapters.json_check import answer as check_answer
 from pdp.assemble import (
     build_key_sources,
     build_pdp,
@@ -308,7 +309,7 @@ class Service:
             detail = str(exc) if isinstance(exc, RequestDocumentError) else "the body is not JSON"
             decision = self.pdp.refuse(reasons.REQUEST_INVALID, detail, _unreadable(now, peer))
             return await _answer_json(send, render(decision), 400)
-        await _answer_json(send, render(await self._check(raw)), 200)
+        await answer(send, 200, check_answer(await self._check(raw)), content_type="application/json")
 
     async def _check(self, raw: RawRequest) -> Decision:
         try:
@@ -565,10 +566,7 @@ def _is_json(content_type: str) -> bool:
 
 
 async def _answer_json(send: Send, content: Any, status: int) -> None:
-    """A decision document as ASCII JSON: whatever text a refusal quotes (a lone surrogate in a member
-    name of the request document), the answer can always be written."""
-    body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-    await answer(send, status, body, content_type="application/json")
+    await answer(send, status, document(content), content_type="application/json")
 
 
 class _TooLarge(Exception):
