@@ -29,6 +29,7 @@ from pdp.errors import LoadError
 from pdp.pipeline import DecisionSink, Pdp
 from pdp.policy import callcheck, divergence, rego_ast
 from pdp.policy.engine import PolicyBundle, PolicyEngine, load_bundle, tree_files
+from pdp.policy.grpc_body import GrpcMessages
 from pdp.policy.opa_remote import remote_engine
 from pdp.policy.rego import probe_compile
 from pdp.policy.shadow import Trial
@@ -99,11 +100,19 @@ def build_trial(config: Config, decision_log: DecisionLog, shadow: PolicyEngine 
                  shadow_cache_size=config.policy.decision_cache_size)
 
 
+def load_grpc_messages(config: Config) -> GrpcMessages | None:
+    """The gRPC messages of ``policy.proto_descriptor`` (None without it); ``LoadError`` naming the key."""
+    path = config.policy.proto_descriptor
+    return None if path is None else GrpcMessages.load(path)
+
+
 def policy_files(config: Config) -> list[Path]:
+    """The files the policy is read from; the gRPC descriptor set is reloaded with them."""
+    grpc = [config.policy.proto_descriptor] if config.policy.proto_descriptor is not None else []
     opa = config.policy.opa
     if config.policy.engine == "opa" and opa is not None:  # a new token, CA or certificate: a new remote engine
-        return [f for f in (opa.token_file, opa.ca, opa.client_cert, opa.client_key) if f is not None]
-    return _listed_files(config.policy.paths, config.policy.data)
+        return [f for f in (opa.token_file, opa.ca, opa.client_cert, opa.client_key) if f is not None] + grpc
+    return sorted(_listed_files(config.policy.paths, config.policy.data) + grpc)
 
 
 def shadow_policy_files(config: Config) -> list[Path]:
@@ -268,6 +277,7 @@ def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[Decisi
         i.introspect.close for i in tokens.opaque_issuers if isinstance(i.introspect, IntrospectionClient)] + [
         certificates.close]
     decision_log = DecisionLog(config.log.decisions)
+    grpc_messages = load_grpc_messages(config)
     policy = load_policy(config, probe=probe)
     trial = build_trial(config, decision_log, load_shadow_policy(config, probe=probe))
     if trial is not None:
@@ -287,4 +297,5 @@ def build_pdp(config: Config, *, fetch: Fetch | None = None, sinks: tuple[Decisi
         inventory=recorder,
     )
     pdp.trial = trial
+    pdp.grpc_messages = grpc_messages
     return pdp

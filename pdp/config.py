@@ -71,6 +71,8 @@ class PolicyConfig:
     shadow: ShadowPolicyConfig | None = None
     #: ``[policy.opa]``: the OPA server that decides when ``engine = "opa"`` (``pdp.policy.opa_remote``).
     opa: OpaConfig | None = None
+    #: A FileDescriptorSet: gRPC request bodies are read as its messages (``pdp.policy.grpc_body``).
+    proto_descriptor: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -439,6 +441,7 @@ def _policy(t: _Table, base: Path) -> PolicyConfig:
     dry_run = t.flag("dry_run", PolicyConfig.dry_run)
     shadow = _shadow_policy(t.table("shadow"), base, engine, decision, rego_version) if "shadow" in t.data else None
     opa = _opa(t.table("opa"), base) if "opa" in t.data else None
+    proto_descriptor = t.text("proto_descriptor")
     if engine == "opa":
         if opa is None:
             raise ConfigError(t.key("opa.url"), "is required when engine = \"opa\" (the OPA server to ask)")
@@ -450,7 +453,8 @@ def _policy(t: _Table, base: Path) -> PolicyConfig:
                                                  "(pdp/authz/result)")
     t.done()
     return PolicyConfig(engine=engine, paths=paths, data=data, decision=decision, decision_cache_size=cache,
-                        divergence=divergence, rego_version=rego_version, dry_run=dry_run, shadow=shadow, opa=opa)
+                        divergence=divergence, rego_version=rego_version, dry_run=dry_run, shadow=shadow, opa=opa,
+                        proto_descriptor=_path(base, proto_descriptor) if proto_descriptor else None)
 
 
 _REGO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

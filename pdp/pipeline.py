@@ -36,6 +36,7 @@ from pdp.credentials.tokens import TokenVerifier, VerifiedToken
 from pdp.decision import Decision, Step, new_decision_id
 from pdp.errors import Denied, NeedsNetwork
 from pdp.policy.engine import PolicyEngine, PolicyEvalError
+from pdp.policy.grpc_body import GrpcMessages
 from pdp.policy.input import build_input
 from pdp.policy.result import PolicyOutcome, PolicyResultError, decided_outcome
 from pdp.policy.shadow import Trial
@@ -112,6 +113,8 @@ class Pdp:
 
     #: A shadow policy, dry run or recorded inputs (``pdp.policy.shadow``); None when all are off.
     trial: Trial | None = None
+    #: The gRPC messages bodies are read as (``policy.proto_descriptor``); None: gRPC bodies are not read.
+    grpc_messages: GrpcMessages | None = None
 
     def __init__(self, *, certificates: ChainVerifier, tokens: TokenVerifier, policy: PolicyEngine,
                  settings: DecisionSettings | None = None, decision_log: DecisionLog | None = None,
@@ -312,7 +315,7 @@ class Pdp:
     # -- 4. policy
     def _policy(self, policy: PolicyEngine, request: CheckRequest, trace: _Trace,
                 binding: dict[str, Any]) -> PolicyOutcome:
-        doc = build_input(request, trace.identity, trace.token, binding)
+        doc = build_input(request, trace.identity, trace.token, binding, self.grpc_messages)
         try:
             outcome, seen = decided_outcome(policy, doc)
         except (PolicyEvalError, PolicyResultError) as exc:

@@ -58,6 +58,7 @@ def full_config(tmp: Path) -> dict[str, Any]:
                            "allowed_callers": ["spiffe://example.org/gateway"]}},
         "policy": {"engine": "regorus", "paths": ["policy"], "data": ["extra.json"], "decision": "pdp/authz/allow",
                    "decision_cache_size": 0, "divergence": "warn", "rego_version": "v0", "dry_run": True,
+                   "proto_descriptor": "api.pb",
                    "shadow": {"paths": ["next"], "data": ["next.json"], "decision": "pdp/authz/next",
                               "rego_version": "v1", "timeout": 2.5},
                    "opa": {"url": "https://opa.example:8181", "timeout": 0.3, "token_file": "opa.token",

@@ -10,8 +10,9 @@ for that plugin runs unchanged. pdp adds ``input.cert``, ``input.token``,
 ``input.parsed_body`` / ``input.truncated_body`` are always there, as the plugin sets them: the body
 parsed by its ``content-type`` (JSON; ``application/x-www-form-urlencoded`` as lists of values;
 ``multipart/form-data`` as lists of values by part name, a JSON part as its JSON value: see
-``pdp.policy.multipart_body``), null when there is no body, no content type or another one (gRPC
-payloads are not parsed), and null with ``truncated_body`` true when
+``pdp.policy.multipart_body``; a gRPC message by the descriptors of ``policy.proto_descriptor``: see
+``pdp.policy.grpc_body``), null when there is no body, no content type or another one (gRPC payloads
+without descriptors), and null with ``truncated_body`` true when
 ``content-length`` says the body was cut (Envoy's ``with_request_body.max_request_bytes``). A body that
 does not parse is a malformed request, as there.
 """
@@ -28,6 +29,7 @@ from pdp import reasons
 from pdp.certificates.identity import CertIdentity
 from pdp.credentials.tokens import VerifiedToken
 from pdp.errors import Denied
+from pdp.policy.grpc_body import GrpcBodyError, GrpcMessages, read_grpc_body
 from pdp.policy.multipart_body import MultipartError, read_form
 from pdp.request import CheckRequest
 
@@ -92,17 +94,26 @@ def _content_length(value: str) -> int:
     return declared
 
 
-def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
+def parse_body(headers: Any, body: str | bytes, *, grpc: GrpcMessages | None = None,
+               parsed_path: list[str] | None = None) -> tuple[Any, bool]:
     """(parsed_body, truncated_body) as opa-envoy-plugin computes them; ``Denied`` (``request_invalid``)
-    for a body its content type says it is and it is not, or an unreadable ``content-length``."""
+    for a body its content type says it is and it is not, or an unreadable ``content-length``. A gRPC
+    body is read with ``grpc``'s descriptors (none: not read) as the message ``parsed_path`` names."""
     content_type = headers.get("content-type")
     if content_type is None:
         return None, False
     # The plugin's order: a content type naming two of these is read as the first.
     if "application/json" in content_type:
         kind = "json"
-    elif "application/grpc" in content_type:  # gRPC payloads are not parsed (see README)
-        return None, False
+    elif "application/grpc" in content_type:
+        # The plugin reads only Envoy's raw_body (pack_as_bytes) here: a text body is no gRPC message.
+        if grpc is None or not isinstance(body, bytes) or not body:
+            return None, False
+        try:
+            return read_grpc_body(body, parsed_path or [], grpc)
+        except GrpcBodyError as exc:
+            raise Denied(reasons.REQUEST_INVALID, f"the body is not the gRPC message its path names: {exc}") \
+                from None
     elif "application/x-www-form-urlencoded" in content_type:
         kind = "form"
     elif "multipart/form-data" in content_type:
@@ -140,7 +151,8 @@ def parse_body(headers: Any, body: str | bytes) -> tuple[Any, bool]:
 
 
 def build_input(request: CheckRequest, identity: CertIdentity | None, token: VerifiedToken | None,
-                binding: dict[str, Any]) -> dict[str, Any]:
+                binding: dict[str, Any], grpc: GrpcMessages | None = None) -> dict[str, Any]:
+    """The ``input`` document; ``grpc``: the descriptors gRPC bodies are read with (``policy.proto_descriptor``)."""
     path_only = request.path.partition("?")[0].partition("#")[0]
     parsed_path, parsed_query = parse_path(request.path)
     source: dict[str, Any] = {"address": {"socketAddress": {"address": request.source_address}}}
@@ -163,7 +175,7 @@ def build_input(request: CheckRequest, identity: CertIdentity | None, token: Ver
             http["body"] = request.body
         else:
             http["rawBody"] = base64.b64encode(request.body).decode("ascii")
-        parsed_body, truncated = parse_body(request.headers, request.body)
+        parsed_body, truncated = parse_body(request.headers, request.body, grpc=grpc, parsed_path=parsed_path)
     doc: dict[str, Any] = {
         "attributes": {
             "request": {"http": http},

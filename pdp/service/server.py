@@ -38,6 +38,7 @@ from pdp.adapters.json_check import answer as check_answer
 from pdp.assemble import (
     build_key_sources,
     build_pdp,
+    load_grpc_messages,
     load_jwks_file,
     load_policy,
     load_shadow_policy,
@@ -133,7 +134,9 @@ class Service:
         return parts
 
     def _reload_policy(self) -> None:
+        grpc_messages = load_grpc_messages(self.config)  # read first: a failure keeps both as they are
         engine = load_policy(self.config)
+        self.pdp.grpc_messages = grpc_messages
         old, self.pdp.policy = self.pdp.policy, engine
         self.metrics.set_policy(engine.version, self.config.policy.engine)
         self._follow_revision(engine)
