@@ -152,3 +152,26 @@ assert ready.wait(30)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_engines_kept_after_their_thread_ended_are_not_freed_at_exit() -> None:
+    """A kept engine can never be freed on its own thread: not at exit either, where the interpreter's
+    teardown would free it on the main thread and pyo3 print a line for it."""
+    import subprocess
+    import sys
+
+    script = """
+import threading
+from pdp.policy import thread_bound
+from pdp.policy.engine import PolicyBundle
+from pdp.policy.rego import RegorusEvaluator
+bundle = PolicyBundle((("p.rego", "package p\\nimport rego.v1\\nx := 1\\n"),), {}, "data.p.x", "regorus")
+box = []
+worker = threading.Thread(target=lambda: box.append(RegorusEvaluator(bundle)))
+worker.start()
+worker.join()
+box.clear()
+assert thread_bound.kept_count() == 1
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (0, "")

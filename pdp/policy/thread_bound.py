@@ -15,6 +15,7 @@ a traceback on the console.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Any, Generic, TypeVar
 
@@ -61,8 +62,10 @@ class _Slot:
 _LOCAL = threading.local()
 #: Re-entrant: the garbage collector may free a holder on a thread that is inside one of these blocks.
 _LOCK = threading.RLock()
-#: Objects whose thread ended before they could be freed there.
+#: Objects whose thread ended before they could be freed there. The list holds one reference nothing
+#: gives back, so that not even the interpreter's teardown at exit frees it (on the main thread).
 _KEPT: list[object] = []
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_KEPT))
 
 
 def _slot() -> _Slot:
