@@ -211,13 +211,13 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
         try:
             if isinstance(request, Unreadable):
                 return render(pdp.refuse(request.reason, request.detail, CheckRequest(method="", path="", time=now)))
-            try:
-                raw = to_raw_request(request, now=now)
-            except Exception as exc:  # a request we cannot read is a deny, never an RPC error
-                log.warning("unreadable CheckRequest: %s", exc)
-                return render(pdp.refuse(reasons.REQUEST_INVALID, "unreadable CheckRequest",
-                                         CheckRequest(method="", path="", time=now)))
-            with self._compute:
+            with self._compute:  # reading the request is CPU work too: inside the limit
+                try:
+                    raw = to_raw_request(request, now=now)
+                except Exception as exc:  # a request we cannot read is a deny, never an RPC error
+                    log.warning("unreadable CheckRequest: %s", exc)
+                    return render(pdp.refuse(reasons.REQUEST_INVALID, "unreadable CheckRequest",
+                                             CheckRequest(method="", path="", time=now)))
                 try:
                     return render(pdp.check(raw, network=False))
                 except NeedsNetwork as exc:
