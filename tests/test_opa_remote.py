@@ -216,6 +216,12 @@ def opa_config(write_setup: Any, url: str, *, timeout: float = 1.0, decision: st
     return path
 
 
+def decision_lines(caplog: Any) -> dict[str, dict[str, Any]]:
+    """The decision log lines caught, by decision id."""
+    return {(entry := json.loads(r.getMessage()))["decision_id"]: entry for r in caplog.records
+            if r.name == "pdp.decisions"}
+
+
 def raw(method: str = "GET", path: str = "/orders") -> RawRequest:
     return RawRequest(via=Via.DOCUMENT, method=method, target=path, host="api.test", scheme="https",
                       time=time.time())
@@ -287,8 +293,7 @@ def test_the_revision_is_each_decisions_policy_version_in_the_explanation_and_th
         second = decide(pdp)
     finally:
         pdp.close()
-    lines = {(entry := json.loads(r.getMessage()))["decision_id"]: entry for r in caplog.records
-             if r.name == "pdp.decisions"}
+    lines = decision_lines(caplog)
     assert lines[first.decision_id]["policy_version"] == "rev-1"
     assert lines[second.decision_id]["policy_version"] == "legacy-7"
     assert "by policy rev-1" in next(s.detail for s in first.steps if s.name == "policy")
@@ -833,8 +838,7 @@ def test_a_policy_unavailable_decision_is_logged_without_another_decisions_revis
         failed = decide(pdp)
     finally:
         pdp.close()
-    lines = {(entry := json.loads(r.getMessage()))["decision_id"]: entry for r in caplog.records
-             if r.name == "pdp.decisions"}
+    lines = decision_lines(caplog)
     assert lines[first.decision_id]["policy_version"] == "rev-1"
     assert lines[failed.decision_id]["policy_version"] == "unknown"
 
