@@ -11,6 +11,7 @@ the real pdp: ``Pdp.check``, the served HTTP and gRPC listeners, the decision lo
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -42,6 +43,7 @@ from pdp.assemble import build_pdp
 from pdp.config import OpaConfig, load_config
 from pdp.devpki import DpopKey, make_ca, make_client
 from pdp.errors import ConfigError, NeedsNetwork
+from pdp.pipeline import Pdp
 from pdp.policy import explain
 from pdp.policy.opa_remote import RemoteEngine, revision_of
 from pdp.policy.opa_session import RESOLVER, RESOLVER_THREADS
@@ -216,6 +218,16 @@ def opa_config(write_setup: Any, url: str, *, timeout: float = 1.0, decision: st
     return path
 
 
+@contextlib.contextmanager
+def opa_pdp(write_setup: Any, url: str, **options: Any) -> Iterator[Pdp]:
+    """A Pdp asking ``url`` (``opa_config``), closed afterwards."""
+    pdp = build_pdp(load_config(opa_config(write_setup, url, **options)))
+    try:
+        yield pdp
+    finally:
+        pdp.close()
+
+
 def decision_lines(caplog: Any) -> dict[str, dict[str, Any]]:
     """The decision log lines caught, by decision id."""
     return {(entry := json.loads(r.getMessage()))["decision_id"]: entry for r in caplog.records
@@ -234,11 +246,8 @@ def decide(pdp: Any, method: str = "GET") -> Any:
 # -- the contract: the same input, the same reader, the configured entrypoint
 
 def test_allow_and_deny_come_from_the_remote_policy(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         allowed, denied = decide(pdp, "GET"), decide(pdp, "DELETE")
-    finally:
-        pdp.close()
     assert (allowed.allowed, allowed.reason, allowed.status) == (True, "allowed", 200)
     assert (denied.allowed, denied.reason, denied.status) == (False, "policy_denied", 403)
     asked = opa.asked[0]
@@ -252,33 +261,24 @@ def test_allow_and_deny_come_from_the_remote_policy(write_setup, opa):
 
 
 def test_a_boolean_entrypoint_of_the_envoy_plugin_shape(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, decision="envoy/authz/allow")))
-    try:
+    with opa_pdp(write_setup, opa.url, decision="envoy/authz/allow") as pdp:
         assert decide(pdp, "GET").allowed is True
         assert decide(pdp, "POST").allowed is False
-    finally:
-        pdp.close()
     assert [a["path"] for a in opa.asked] == ["/v1/data/envoy/authz/allow"] * 2
 
 
 def test_an_undefined_answer_is_a_deny_as_on_the_embedded_engines(write_setup, opa):
     opa.mode = "no-result"
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         decision = decide(pdp, "GET")
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason) == (False, "policy_denied")
 
 
 def test_no_decision_is_cached_the_remote_policy_is_asked_every_time(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         assert pdp.policy.decisions is None
         for _ in range(3):
             assert decide(pdp).allowed is True
-    finally:
-        pdp.close()
     assert len(opa.asked) == 3
 
 
@@ -286,13 +286,10 @@ def test_no_decision_is_cached_the_remote_policy_is_asked_every_time(write_setup
 
 def test_the_revision_is_each_decisions_policy_version_in_the_explanation_and_the_log(write_setup, opa, caplog):
     caplog.set_level(logging.INFO, logger="pdp.decisions")
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         first = decide(pdp)
         opa.provenance = {"revision": "legacy-7"}  # OPA's legacy single-bundle form
         second = decide(pdp)
-    finally:
-        pdp.close()
     lines = decision_lines(caplog)
     assert lines[first.decision_id]["policy_version"] == "rev-1"
     assert lines[second.decision_id]["policy_version"] == "legacy-7"
@@ -327,13 +324,10 @@ def test_every_failure_is_a_policy_unavailable_deny(write_setup, opa, mode, mess
         opa.delay = 2.0
     else:
         opa.mode = mode
-    pdp = build_pdp(load_config(opa_config(write_setup, url, timeout=0.3)))
-    try:
+    with opa_pdp(write_setup, url, timeout=0.3) as pdp:
         started = time.monotonic()
         decision = decide(pdp)
         took = time.monotonic() - started
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason, decision.status) == (False, "policy_unavailable", 503)
     assert took < 1.0, f"{mode}: {took:.2f} s with a 0.3 s timeout"
     assert decision.message == f"the policy engine {message}"
@@ -344,48 +338,36 @@ def test_every_failure_is_a_policy_unavailable_deny(write_setup, opa, mode, mess
 def test_the_timeout_covers_the_whole_exchange(write_setup, opa):
     """Each byte arrives well within the timeout; the whole answer does not."""
     opa.mode = "drip"
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=0.5)))
-    try:
+    with opa_pdp(write_setup, opa.url, timeout=0.5) as pdp:
         started = time.monotonic()
         decision = decide(pdp)
         took = time.monotonic() - started
-    finally:
-        pdp.close()
     assert decision.reason == "policy_unavailable" and "did not answer within 0.5 s" in decision.message
     assert 0.45 < took < 0.8
 
 
 def test_after_a_failure_the_next_answer_is_used(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         opa.mode = "500"
         assert decide(pdp).reason == "policy_unavailable"
         opa.mode = "ok"
         assert decide(pdp).allowed is True
-    finally:
-        pdp.close()
 
 
 # -- connections
 
 def test_one_thread_keeps_one_connection_from_decision_to_decision(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         for _ in range(20):
             assert decide(pdp).allowed is True
-    finally:
-        pdp.close()
     assert len(opa.asked) == 20
     assert opa.connections == 1
 
 
 def test_threads_share_no_connection_and_each_reuses_its_own(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda _: decide(pdp).allowed, range(80)))
-    finally:
-        pdp.close()
     assert all(results) and len(opa.asked) == 80
     assert opa.connections <= 4
 
@@ -393,15 +375,12 @@ def test_threads_share_no_connection_and_each_reuses_its_own(write_setup, opa):
 # -- network waits: never on an event loop
 
 def test_a_decision_without_network_waits_is_deferred_before_any_step(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         with pytest.raises(NeedsNetwork) as raised:
             pdp.check(raw(), network=False)
         assert opa.asked == []  # nothing was asked on the caller's thread
         assert raised.value.request is not None
         assert pdp.decide(raised.value.request).allowed is True
-    finally:
-        pdp.close()
 
 
 def test_the_served_http_listener_decides_and_its_event_loop_stays_free(write_setup, opa):
@@ -585,11 +564,8 @@ def test_an_answer_that_closes_the_connection_is_read_to_its_end(write_setup, op
     answer's reader keeps the descriptor open until it is done. Under load, the stand-in's close of a
     keep-alive answer may reach pdp before or after the next decision's request: both are allowed."""
     opa.mode, opa.pieces = "raw", ANSWER_SHAPES[shape]
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=5.0)))
-    try:
+    with opa_pdp(write_setup, opa.url, timeout=5.0) as pdp:
         decisions = [decide(pdp) for _ in range(3)]
-    finally:
-        pdp.close()
     assert [(d.allowed, d.reason) for d in decisions] == [(True, "allowed")] * 3, decisions[0].message
 
 
@@ -611,15 +587,12 @@ def test_a_kept_connection_the_server_closed_is_replaced_before_the_request_is_s
     close``); the next decision comes once its FIN has arrived: seen, and a new connection carries it."""
     caplog.set_level(logging.DEBUG, logger="pdp.policy")
     opa.mode, opa.pieces = "raw", [(0.0, _head("1.1", ALLOW_ANSWER) + ALLOW_ANSWER)]
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         decisions = []
         for n in range(1, 4):
             decisions.append(decide(pdp))
             _wait_until(lambda: opa.server.closed == n)  # noqa: B023 -- called before n changes
             time.sleep(0.05)  # the FIN on its way over loopback
-    finally:
-        pdp.close()
     assert [(d.allowed, d.reason) for d in decisions] == [(True, "allowed")] * 3, decisions[-1].message
     assert opa.connections == 3 and len(opa.asked) == 3
     assert _asked_again(caplog) == 0  # seen before the request went out: nothing was sent twice
@@ -631,13 +604,10 @@ def test_a_kept_connection_closed_as_the_request_arrives_is_asked_again_on_a_new
     """The stand-in reads the request and closes the connection without an answer: nothing showed before
     the request was sent, so the request goes once more, on a new connection."""
     caplog.set_level(logging.DEBUG, logger="pdp.policy")
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         first = decide(pdp)
         opa.hang_ups, opa.hang_up_reset = 1, reset
         second, third = decide(pdp), decide(pdp)
-    finally:
-        pdp.close()
     assert [(d.allowed, d.reason) for d in (first, second, third)] == [(True, "allowed")] * 3, second.message
     # first, the one hung up, the same asked again on a new connection, third on that connection, kept
     assert len(opa.asked) == 4 and opa.connections == 2
@@ -646,13 +616,10 @@ def test_a_kept_connection_closed_as_the_request_arrives_is_asked_again_on_a_new
 
 def test_a_request_is_asked_again_once_at_most(write_setup, opa, caplog):
     caplog.set_level(logging.DEBUG, logger="pdp.policy")
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         assert decide(pdp).allowed is True
         opa.hang_ups = 2  # the kept connection, then the new one
         decision = decide(pdp)
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
     assert decision.message == "the policy engine cannot be reached"
     assert len(opa.asked) == 3 and opa.connections == 2
@@ -662,11 +629,8 @@ def test_a_request_is_asked_again_once_at_most(write_setup, opa, caplog):
 def test_a_request_that_fails_on_a_new_connection_is_not_asked_again(write_setup, opa, caplog):
     caplog.set_level(logging.DEBUG, logger="pdp.policy")
     opa.hang_ups = 1
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         decision = decide(pdp)
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
     assert len(opa.asked) == 1 and opa.connections == 1
     assert _asked_again(caplog) == 0
@@ -677,13 +641,10 @@ def test_a_request_that_fails_on_a_new_connection_is_not_asked_again(write_setup
 def test_a_kept_connection_that_fails_after_a_byte_of_the_answer_is_not_asked_again(write_setup, opa, caplog,
                                                                                       piece):
     caplog.set_level(logging.DEBUG, logger="pdp.policy")
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         first = decide(pdp)
         opa.mode, opa.pieces = "raw", [(0.0, piece)]  # then the connection closes
         second = decide(pdp)
-    finally:
-        pdp.close()
     assert (first.allowed, first.reason) == (True, "allowed")
     assert (second.allowed, second.reason) == (False, "policy_unavailable")
     assert len(opa.asked) == 2 and opa.connections == 1
@@ -696,15 +657,12 @@ def test_asking_again_never_passes_the_timeout(write_setup, opa, caplog, hang_up
     """A kept connection closed unanswered 0.3 s into a 0.5 s exchange: the request asked again on a new
     connection has the 0.2 s left, not a timeout of its own. Closed after 0.5 s: the exchange is over."""
     caplog.set_level(logging.DEBUG, logger="pdp.policy")
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=0.5)))
-    try:
+    with opa_pdp(write_setup, opa.url, timeout=0.5) as pdp:
         assert decide(pdp).allowed is True
         opa.hang_ups, opa.hang_up_wait, opa.delay = 1, hang_up_after, 2.0
         started = time.monotonic()
         decision = decide(pdp)
         took = time.monotonic() - started
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
     assert decision.message == "the policy engine did not answer within 0.5 s"
     assert 0.45 < took < 0.8
@@ -716,11 +674,8 @@ def test_a_compressed_answer_is_refused_unread_and_identity_is_asked_for(write_s
     bomb = gzip.compress(b" " * 20_000_000)  # 20 MB of JSON whitespace in ~20 KB on the wire
     opa.mode = "raw"
     opa.pieces = [(0.0, _head("1.1", bomb, "Content-Encoding: gzip") + bomb)]
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         decision = decide(pdp)
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
     assert decision.message == "the policy engine answered with a Content-Encoding other than identity"
     assert opa.asked[0]["accept-encoding"] == "identity"
@@ -742,11 +697,8 @@ NOT_STRICT_JSON = {
 @pytest.mark.parametrize("name", NOT_STRICT_JSON)
 def test_an_answer_that_is_not_strict_json_is_policy_unavailable(write_setup, opa, name):
     opa.mode, (opa.body, message) = "body", NOT_STRICT_JSON[name]
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         decision = decide(pdp)
-    finally:
-        pdp.close()
     assert (decision.allowed, decision.reason) == (False, "policy_unavailable")
     assert decision.message == f"the policy engine {message}"
 
@@ -831,27 +783,21 @@ def test_the_policy_version_of_readyz_and_metrics_follows_the_latest_revision(wr
 
 def test_a_policy_unavailable_decision_is_logged_without_another_decisions_revision(write_setup, opa, caplog):
     caplog.set_level(logging.INFO, logger="pdp.decisions")
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         first = decide(pdp)
         opa.mode = "500"
         failed = decide(pdp)
-    finally:
-        pdp.close()
     lines = decision_lines(caplog)
     assert lines[first.decision_id]["policy_version"] == "rev-1"
     assert lines[failed.decision_id]["policy_version"] == "unknown"
 
 
 def test_the_explanation_says_the_facts_of_a_remote_policy_are_unknown(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url)))
-    try:
+    with opa_pdp(write_setup, opa.url) as pdp:
         with explain.recording(pdp.policy) as evaluations:
             decision = decide(pdp)
         shown = explain.explanation(pdp.policy.bundle, evaluations, decision)
         text = explain.explanation_lines(pdp.policy.bundle, evaluations, decision)
-    finally:
-        pdp.close()
     assert shown["evaluated"] is True and shown["facts"] is None
     assert "facts the policy read: unknown (the remote policy may read anything in input, and data pdp does " \
            "not see)" in text
@@ -886,11 +832,8 @@ def test_an_upper_case_scheme_is_read_as_http_and_warned_of_with_a_token(write_s
 
 
 def test_a_base_path_is_kept_before_v1(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, f"{opa.url}/opa/", decision="pdp/authz/result")))
-    try:
+    with opa_pdp(write_setup, f"{opa.url}/opa/", decision="pdp/authz/result") as pdp:
         assert decide(pdp).allowed is True
-    finally:
-        pdp.close()
     assert opa.asked[0]["path"] == "/opa/v1/data/pdp/authz/result"
 
 
@@ -898,19 +841,15 @@ def test_a_base_path_is_kept_before_v1(write_setup, opa):
 
 def test_concurrent_decisions_never_open_more_than_max_connections(write_setup, opa):
     opa.delay = 0.02  # the decisions overlap
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=2.0, more="max_connections = 2\n")))
-    try:
+    with opa_pdp(write_setup, opa.url, timeout=2.0, more="max_connections = 2\n") as pdp:
         with ThreadPoolExecutor(8) as pool:
             reasons = list(pool.map(lambda _: decide(pdp).reason, range(80)))
-    finally:
-        pdp.close()
     assert reasons == ["allowed"] * 80 and len(opa.asked) == 80
     assert opa.peak <= 2 and opa.connections == 2  # both used, kept open, none more
 
 
 def test_a_decision_that_finds_no_free_connection_in_its_time_is_policy_unavailable(write_setup, opa):
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=0.3, more="max_connections = 1\n")))
-    try:
+    with opa_pdp(write_setup, opa.url, timeout=0.3, more="max_connections = 1\n") as pdp:
         engine = pdp.policy
         assert isinstance(engine, RemoteEngine)
         held = engine._pool.take(time.monotonic() + 1)  # as a decision would, for longer than the next one's time
@@ -919,8 +858,6 @@ def test_a_decision_that_finds_no_free_connection_in_its_time_is_policy_unavaila
         took = time.monotonic() - started
         engine._pool.give(held, reusable=True)
         after = decide(pdp)
-    finally:
-        pdp.close()
     assert (busy.allowed, busy.reason) == (False, "policy_unavailable")
     assert busy.message == "the policy engine was busy: no connection free within 0.3 s (policy.opa.max_connections)"
     assert 0.25 < took < 0.6
@@ -929,12 +866,9 @@ def test_a_decision_that_finds_no_free_connection_in_its_time_is_policy_unavaila
 
 def test_a_decision_waits_for_a_connection_given_back_within_its_time(write_setup, opa):
     opa.delay = 0.05
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, timeout=1.0, more="max_connections = 1\n")))
-    try:
+    with opa_pdp(write_setup, opa.url, timeout=1.0, more="max_connections = 1\n") as pdp:
         with ThreadPoolExecutor(4) as pool:
             reasons = list(pool.map(lambda _: decide(pdp).reason, range(8)))
-    finally:
-        pdp.close()
     assert reasons == ["allowed"] * 8 and opa.connections == 1
 
 
@@ -1033,26 +967,20 @@ def test_hung_lookups_are_bounded_and_one_past_the_bound_fails_at_once(write_set
 def test_a_name_the_os_resolves_is_asked(write_setup, opa):
     """localhost through the real resolver (it may name ::1 first, where nothing listens: the next
     address is tried)."""
-    pdp = build_pdp(load_config(opa_config(write_setup, f"http://localhost:{opa.port}")))
-    try:
+    with opa_pdp(write_setup, f"http://localhost:{opa.port}") as pdp:
         assert decide(pdp).allowed is True
-    finally:
-        pdp.close()
 
 
 # -- policy.opa.unready_after_failure
 
 def test_readyz_is_ready_again_after_unready_after_failure(write_setup, opa):
     opa.mode = "500"
-    pdp = build_pdp(load_config(opa_config(write_setup, opa.url, more="unready_after_failure = 0.3\n")))
-    try:
+    with opa_pdp(write_setup, opa.url, more="unready_after_failure = 0.3\n") as pdp:
         assert isinstance(pdp.policy, RemoteEngine)
         assert decide(pdp).reason == "policy_unavailable"
         down = pdp.policy.health()
         time.sleep(0.35)
         up = pdp.policy.health()
-    finally:
-        pdp.close()
     assert down["ok"] is False and down["error"] == "the policy engine answered HTTP 500 to the last decision"
     assert up["ok"] is True and up["last_decision_error"] == down["error"]
 
