@@ -67,8 +67,9 @@ def test_one_input(data: bytes) -> None:
     try:
         raw = CONVERT(message, now=_harness.FUZZ_NOW)
     except Exception:  # the servicer answers a message it cannot convert with a deny: check that it does
-        response = SERVICER.Check(message, None)
-        if response.status.code == code_pb2.OK or response is envoy_grpc.INTERNAL_ERROR_RESPONSE:
+        answer = SERVICER.Check(message, None)
+        response = external_auth_pb2.CheckResponse.FromString(answer)
+        if response.status.code == code_pb2.OK or answer == envoy_grpc.INTERNAL_ERROR_BYTES:
             raise
         return
     request, decision = _harness.decide(PDP, raw)

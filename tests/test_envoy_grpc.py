@@ -169,6 +169,20 @@ def test_a_policy_error_is_a_deny_answer_not_an_rpc_failure(envoy, pki, issuer, 
     assert json.loads(response.denied_response.body)["reason"] == "policy_error"
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_metadata_that_has_no_json_form_is_a_request_invalid_deny(envoy, pki, issuer, number):
+    """A ``Struct`` number that JSON cannot carry (Go's protojson refuses it too) is a deny with a reason,
+    never an RPC error nor an internal error."""
+    stub, _, _ = envoy()
+    request = envoy_request(pki, bound_token(issuer, pki.client))
+    metadata = struct_pb2.Struct()
+    metadata.update({"n": number})
+    request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(metadata)
+    response = stub.Check(request)
+    assert response.status.code == code_pb2.PERMISSION_DENIED, response
+    assert json.loads(response.denied_response.body)["reason"] == "request_invalid"
+
+
 def test_the_standard_grpc_health_service_reports_serving(envoy):
     _, channel, _ = envoy()
     health = health_pb2_grpc.HealthStub(channel)
