@@ -17,21 +17,22 @@ RPC error that a ``failure_mode_allow: true`` gateway would let through.
 ``dynamic_metadata`` carries the decision id, the reason and the verified
 identity for Envoy's access log.
 
-The server's threads wait for the network (a key set, an introspection answer,
-an OCSP responder) without holding up others, but only ``compute`` of them
-decide at once: the rest wait on a semaphore rather than contend for the GIL,
-which in a process of eight busy threads cost each decision twice its CPU.
+Calls are decided on the ``grpc.aio`` server's event loop, one at a time: no
+thread contends for the GIL. A decision that must wait on the network (a key
+set, an introspection answer, an OCSP responder) waits in a thread pool, and
+the loop answers other calls meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -197,33 +198,56 @@ def _whole(decision: Decision) -> bytes:
 
 class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """The ``Authorization`` service. ``pdp`` is read on every call, so a swapped ``Pdp`` takes effect.
-    At most ``compute`` calls decide at once; a call that must wait on the network waits outside that
-    limit."""
 
-    def __init__(self, pdp: Callable[[], Pdp], *, compute: int = 2) -> None:
+    ``check`` (``grpc.aio``) decides on the event loop's thread; a decision that must wait on the network
+    is made in ``network`` (a thread pool), so that the loop goes on meanwhile. ``Check`` makes the whole
+    decision in the calling thread."""
+
+    def __init__(self, pdp: Callable[[], Pdp], *, network: Executor | None = None) -> None:
         self._pdp = pdp
-        self._compute = threading.BoundedSemaphore(compute)
+        self._network = network
 
-    def Check(self, request: external_auth_pb2.CheckRequest | Unreadable, context: grpc.ServicerContext) -> bytes:
-        """The serialized ``CheckResponse`` (``render``)."""
+    def Check(self, request: external_auth_pb2.CheckRequest | Unreadable, context: Any) -> bytes:
+        """The serialized ``CheckResponse`` (``render``), waiting on the network here if need be."""
+        first = self._answer(request)
+        return first if isinstance(first, bytes) else self._waited(first)
+
+    async def check(self, request: external_auth_pb2.CheckRequest | Unreadable, context: Any) -> bytes:
+        """``Check`` for ``grpc.aio``: a decision that must wait on the network waits in ``network``."""
+        first = self._answer(request)
+        if isinstance(first, bytes):
+            return first
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._network, self._waited, first)
+        except Exception:  # the pool is shut (the listener stops): a deny all the same
+            log.exception("Check failed; denying")
+            return INTERNAL_ERROR_BYTES
+
+    def _answer(self, request: external_auth_pb2.CheckRequest | Unreadable) -> bytes | CheckRequest:
+        """The answer made without the network, or the request to decide once it may wait on it."""
         pdp = self._pdp()
         now = time.time()
         try:
             if isinstance(request, Unreadable):
                 return render(pdp.refuse(request.reason, request.detail, CheckRequest(method="", path="", time=now)))
-            with self._compute:  # reading the request is CPU work too: inside the limit
-                try:
-                    raw = to_raw_request(request, now=now)
-                except Exception as exc:  # a request we cannot read is a deny, never an RPC error
-                    log.warning("unreadable CheckRequest: %s", exc)
-                    return render(pdp.refuse(reasons.REQUEST_INVALID, "unreadable CheckRequest",
-                                             CheckRequest(method="", path="", time=now)))
-                try:
-                    return render(pdp.check(raw, network=False))
-                except NeedsNetwork as exc:
-                    assert exc.request is not None
-                    request = exc.request
-            return render(pdp.decide(request))  # waits on the network: outside the limit
+            try:
+                raw = to_raw_request(request, now=now)
+            except Exception as exc:  # a request we cannot read is a deny, never an RPC error
+                log.warning("unreadable CheckRequest: %s", exc)
+                return render(pdp.refuse(reasons.REQUEST_INVALID, "unreadable CheckRequest",
+                                         CheckRequest(method="", path="", time=now)))
+            try:
+                return render(pdp.check(raw, network=False))
+            except NeedsNetwork as exc:
+                assert exc.request is not None
+                return exc.request
+        except Exception:
+            log.exception("Check failed; denying")
+            return INTERNAL_ERROR_BYTES
+
+    def _waited(self, request: CheckRequest) -> bytes:
+        try:
+            return render(self._pdp().decide(request))
         except Exception:
             log.exception("Check failed; denying")
             return INTERNAL_ERROR_BYTES
@@ -254,10 +278,11 @@ def read_message(data: bytes) -> external_auth_pb2.CheckRequest | Unreadable:
         return Unreadable(reasons.REQUEST_INVALID, "the CheckRequest is not a valid message")
 
 
-def add_to_server(servicer: EnvoyAuthorization, server: grpc.Server) -> None:
-    """Register the ``Authorization`` service, reading requests with ``read_message``."""
+def add_to_server(servicer: EnvoyAuthorization, server: grpc.aio.Server) -> None:
+    """Register the ``Authorization`` service (``EnvoyAuthorization.check``), reading requests with
+    ``read_message``."""
     handlers = {"Check": grpc.unary_unary_rpc_method_handler(
-        servicer.Check, request_deserializer=read_message, response_serializer=_as_sent)}
+        servicer.check, request_deserializer=read_message, response_serializer=_as_sent)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, handlers),))
     server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)
 

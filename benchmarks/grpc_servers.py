@@ -1,4 +1,4 @@
-"""Envoy ext_authz ``Check`` throughput: grpcio's sync server (what pdp serves) against ``grpc.aio``.
+"""Envoy ext_authz ``Check`` throughput: pdp's listener (``grpc.aio``) against grpcio's sync server.
 
     .venv/bin/python benchmarks/grpc_servers.py [--requests 4000] [--clients 8]
 
@@ -10,12 +10,10 @@ process's GIL. Prints requests per second for each. Bounded in count.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import multiprocessing
 import socket
 import tempfile
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from pdp.adapters.envoy_grpc import EnvoyAuthorization
+from pdp.adapters.envoy_grpc import AUTHORIZATION_SERVICE, EnvoyAuthorization, read_message
 
 from pdp.assemble import build_pdp
 from pdp.config import load_config
@@ -81,46 +79,29 @@ def main() -> None:
     message = request(dev)
 
     port = free_port()
-    sync = GrpcListener(lambda: pdp, f"127.0.0.1:{port}", workers=8)
+    listener = GrpcListener(lambda: pdp, f"127.0.0.1:{port}", workers=8)
+    listener.start()
+    try:
+        aio_rate = measure(port, message, args.requests, args.clients)
+    finally:
+        listener.stop()
+
+    port = free_port()
+    servicer = EnvoyAuthorization(lambda: pdp)  # Check: the whole decision in the server's thread
+    sync = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    handlers = {"Check": grpc.unary_unary_rpc_method_handler(
+        servicer.Check, request_deserializer=read_message, response_serializer=lambda answer: answer)}
+    sync.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, handlers),))
+    sync.add_insecure_port(f"127.0.0.1:{port}")
     sync.start()
     try:
         sync_rate = measure(port, message, args.requests, args.clients)
     finally:
-        sync.stop()
+        sync.stop(1).wait(5)
 
-    port = free_port()
-    servicer = EnvoyAuthorization(lambda: pdp)
-
-    class AioAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-        async def Check(self, request, context):
-            return servicer.Check(request, context)
-
-    ready = threading.Event()
-    stop: list[asyncio.Event] = []
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AioAuthorization(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        stop.append(asyncio.Event())
-        ready.set()
-        await stop[0].wait()
-        await server.stop(1)
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    ready.wait(30)
-    try:
-        aio_rate = measure(port, message, args.requests, args.clients)
-    finally:
-        loop.call_soon_threadsafe(stop[0].set)
-        thread.join(timeout=10)
-
-    print(f"grpcio sync server (pdp's): {sync_rate:,.0f} Check/s")
-    print(f"grpc.aio server:            {aio_rate:,.0f} Check/s")
-    print(f"sync / aio:                 {sync_rate / aio_rate:.2f}x")
+    print(f"grpc.aio server (pdp's):    {aio_rate:,.0f} Check/s")
+    print(f"grpcio sync server:         {sync_rate:,.0f} Check/s")
+    print(f"aio / sync:                 {aio_rate / sync_rate:.2f}x")
 
 
 if __name__ == "__main__":

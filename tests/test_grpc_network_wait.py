@@ -1,10 +1,9 @@
-"""The gRPC ``Check`` handler decides in at most ``compute`` threads at once, and a call that must wait on
-the network (here a key-set fetch that the JWKS server holds back) waits outside that limit: with one
-compute slot, other clients' decisions go on while it waits."""
+"""The gRPC listener decides on its event loop, and a call that must wait on the network (here a key-set
+fetch that the JWKS server holds back) waits in a thread of its own: other clients' decisions go on while
+it waits, even with a single such thread."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 import urllib.parse
@@ -15,13 +14,13 @@ import pytest
 from conftest import AUDIENCE, Pki
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.rpc import code_pb2
-from pdp.adapters.envoy_grpc import EnvoyAuthorization, add_to_server
 from servers import JwksServer
 from test_envoy_grpc import envoy_request as _envoy_request
 from test_service import _remote_config
 
 from pdp.config import load_config
 from pdp.devpki import TokenIssuer
+from pdp.service.grpc_listener import GrpcListener
 from pdp.service.server import Service
 
 pytestmark = pytest.mark.integration
@@ -53,17 +52,15 @@ class _HeldJwks(JwksServer):
         handler.do_GET = do_get  # type: ignore[attr-defined]
 
 
-def test_a_decision_waiting_on_the_network_does_not_hold_the_compute_slot(tmp_path: Path, pki: Pki) -> None:
+def test_a_decision_waiting_on_the_network_does_not_hold_up_others(tmp_path: Path, pki: Pki) -> None:
     with _HeldJwks() as jwks:
         old = TokenIssuer.generate(jwks.issuer, kid="old")
         new = TokenIssuer(jwks.issuer, TokenIssuer.generate(kid="x").key, "new")
         jwks.jwks = {"keys": [old.jwk]}
         service = Service(load_config(_remote_config(tmp_path, pki, jwks.issuer, "jwks_url")))
-        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
-        add_to_server(EnvoyAuthorization(lambda: service.pdp, compute=1), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        listener = GrpcListener(lambda: service.pdp, "127.0.0.1:0", workers=1)
+        listener.start()
+        channel = grpc.insecure_channel(f"127.0.0.1:{listener.port}")
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         try:
             known = old.mint(audience=AUDIENCE, bound_to=pki.client)
@@ -84,7 +81,7 @@ def test_a_decision_waiting_on_the_network_does_not_hold_the_compute_slot(tmp_pa
         finally:
             jwks.release.set()
             channel.close()
-            server.stop(0).wait(5)
+            listener.stop(0)
             service.pdp.close()
     assert answers == [code_pb2.OK] * 5
     assert others_took < 5, others_took
