@@ -101,20 +101,22 @@ _RANDOM = threading.local()
 os.register_at_fork(after_in_child=lambda: _RANDOM.__dict__.clear())
 
 
-def _random_80() -> int:
-    """80 bits from the OS's random source."""
-    buffered: list[int] | None = getattr(_RANDOM, "bits", None)
+def _random_hex() -> str:
+    """80 bits from the OS's random source, as 20 hex digits."""
+    buffered: list[str] | None = getattr(_RANDOM, "hex", None)
     if not buffered:
-        data = os.urandom(10 * _IDS_PER_READ)
-        buffered = _RANDOM.bits = [int.from_bytes(data[i:i + 10], "big") for i in range(0, len(data), 10)]
+        data = os.urandom(10 * _IDS_PER_READ).hex()
+        buffered = _RANDOM.hex = [data[i:i + 20] for i in range(0, len(data), 20)]
     return buffered.pop()
 
 
+#: The RFC 9562 variant digit (binary 10xx) for a random hex digit, keeping its two low bits.
+_VARIANT = {f"{n:x}": f"{8 + (n & 3):x}" for n in range(16)}
+
+
 def new_decision_id() -> str:
-    """A time-ordered 128-bit id in UUID text form (48-bit milliseconds, then random bits, as UUIDv7)."""
-    ms = time.time_ns() // 1_000_000
-    value = (ms << 80) | _random_80()
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A time-ordered 128-bit id in UUID text form (48-bit milliseconds, then random bits, as UUIDv7):
+    the version digit 7, 12 random bits, the variant digit with 2 random bits, 60 random bits."""
+    ms = (time.time_ns() // 1_000_000).to_bytes(6, "big").hex()
+    r = _random_hex()
+    return f"{ms[:8]}-{ms[8:]}-7{r[:3]}-{_VARIANT[r[3]]}{r[4:7]}-{r[7:19]}"
