@@ -23,6 +23,7 @@ import logging
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, ClassVar, TextIO
 
 from pdp.certificates.identity import CertIdentity
@@ -33,6 +34,16 @@ from pdp.request import CheckRequest
 logger = logging.getLogger("pdp.decisions")
 
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_ascii: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _json(value: Any) -> str:
+    """``value`` as JSON: a string (the usual member) straight through the encoder's own string function."""
+    return _ascii(value) if type(value) is str else _dumps(value)
+
+
+#: A step as the line lists it ('"identity:ok"'), by name and outcome: the same few on every line.
+_STEPS: dict[tuple[str, bool], str] = {}
 
 
 class DecisionLog:
@@ -68,13 +79,13 @@ class DecisionLog:
 
     def line(self, decision: Decision, request: CheckRequest, identity: CertIdentity | None,
              token: VerifiedToken | None, policy_version: str | None, duration_s: float, members: str = "") -> str:
-        steps = ",".join(f'"{s.name}:{"ok" if s.ok else "fail"}"' for s in decision.steps)
+        steps = ",".join([_STEPS.get((s.name, s.ok)) or _step(s.name, s.ok) for s in decision.steps])
         text = (f'{{"ts":{round(request.time, 3)},"decision_id":"{decision.decision_id}",'
                 f'"allowed":{"true" if decision.allowed else "false"},"status":{decision.status},'
-                f'"reason":{_dumps(decision.reason)},"message":{_dumps(decision.message)},'
-                f'"request":{{"method":{_dumps(request.method)},"host":{_dumps(request.host)},'
-                f'"path":{_dumps(request.path.split("?", 1)[0])},"source":{_dumps(request.source_address)}}},'
-                f'"policy_version":{_dumps(policy_version)},"steps":[{steps}],'
+                f'"reason":{_json(decision.reason)},"message":{_json(decision.message)},'
+                f'"request":{{"method":{_json(request.method)},"host":{_json(request.host)},'
+                f'"path":{_json(request.path.split("?", 1)[0])},"source":{_json(request.source_address)}}},'
+                f'"policy_version":{_json(policy_version)},"steps":[{steps}],'
                 f'"duration_us":{round(duration_s * 1e6, 1)}')
         if identity is not None:
             text += ',"cert":' + self._cert(identity)
@@ -99,6 +110,13 @@ class DecisionLog:
                            "digest": token.digest[:16]})
             _keep(self._tokens, token.digest, kept)
         return kept
+
+
+def _step(name: str, ok: bool) -> str:
+    text = _dumps(f"{name}:{'ok' if ok else 'fail'}")
+    if len(_STEPS) < 64:  # pdp's own step names: a handful
+        _STEPS[name, ok] = text
+    return text
 
 
 def _keep(kept: dict[Any, str], key: Any, text: str) -> None:
