@@ -1,4 +1,5 @@
-"""Fetching over HTTP for the core: JWKS and discovery documents, CRLs and OCSP answers; bounded in time and size.
+"""Fetching over HTTP for the core: JWKS and discovery documents, CRLs, OCSP and introspection answers; bounded
+in time and size.
 
 - **Time**: ``timeout`` bounds the whole exchange — connecting, the request,
   the response's headers and its body — not only each step: a watchdog shuts
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -97,11 +99,11 @@ class HttpFetch:
     """A ``fetch(url) -> bytes`` for key sources: one GET, a timeout, no redirects, at most 1 MiB; and
     ``get``/``post`` with their own accepted type, timeout and size limit (revocation answers)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, *, verify: ssl.SSLContext | bool = True) -> None:
         self.timeout = timeout
         # No keep-alive: every exchange connects afresh, so the watchdog learns the socket it must be able to shut.
-        # Fetches here are rare (key sets, revocation answers) and go to many hosts.
-        self._http = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False,
+        # Fetches here are rare (key sets, revocation answers, introspection once per token) and go to many hosts.
+        self._http = httpx.Client(verify=verify, timeout=timeout, follow_redirects=False, trust_env=False,
                                   limits=httpx.Limits(max_keepalive_connections=0),
                                   headers={"accept": "application/json, application/jwk-set+json",
                                            "accept-encoding": "identity"})
@@ -113,9 +115,10 @@ class HttpFetch:
         return self._exchange("GET", url, None, {"accept": accept}, timeout, max_bytes)
 
     def post(self, url: str, body: bytes, *, content_type: str, accept: str, timeout: float,
-             max_bytes: int) -> bytes:
-        return self._exchange("POST", url, body, {"content-type": content_type, "accept": accept}, timeout,
-                              max_bytes)
+             max_bytes: int, headers: Mapping[str, str] | None = None) -> bytes:
+        """POST ``body``; ``headers`` (an ``authorization``, say) are sent besides the content type and accept."""
+        return self._exchange("POST", url, body, {**(headers or {}), "content-type": content_type, "accept": accept},
+                              timeout, max_bytes)
 
     def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float,
                   max_bytes: int) -> bytes:

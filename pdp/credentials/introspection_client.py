@@ -1,6 +1,9 @@
 """Calling an authorization server's RFC 7662 introspection endpoint: authlib's client authentication
 (``client_secret_basic``, ``client_secret_post``, or RFC 8705 ``tls_client_auth`` with a client
-certificate) over an httpx client with a timeout and a size limit."""
+certificate) over ``HttpFetch``: the timeout bounds the whole exchange, the answer is read as it arrives
+and refused past 64 KiB or in a content coding (a small gzip answer cannot inflate), and neither a proxy
+nor credentials nor CA files are taken from the environment: the token and the client's secret go to the
+configured endpoint and nowhere else."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 from authlib.oauth2.auth import ClientAuth
 
+from pdp.credentials.http_fetch import FetchError, HttpFetch
 from pdp.credentials.jose import json_object
 
 MAX_ANSWER_BYTES = 64 * 1024
@@ -35,7 +38,8 @@ class IntrospectionClient:
                 context.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
             verify = context
         self.endpoint = endpoint
-        self._http = httpx.Client(verify=verify, timeout=timeout, follow_redirects=False)
+        self._timeout = timeout
+        self._fetch = HttpFetch(timeout, verify=verify)
         # tls_client_auth (RFC 8705 §2): the certificate authenticates; the body names the client_id.
         self._auth = ClientAuth(client_id, client_secret, "none" if auth_method == "tls_client_auth" else auth_method)
 
@@ -43,15 +47,14 @@ class IntrospectionClient:
         body = urllib.parse.urlencode({"token": token, "token_type_hint": "access_token"})
         headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
         url, headers, body = self._auth.prepare("POST", self.endpoint, headers, body)
+        content_type = headers.pop("content-type")
+        accept = headers.pop("accept")
         try:
-            response = self._http.post(url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise IntrospectionError(f"POST {self.endpoint}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code != 200:
-            raise IntrospectionError(f"POST {self.endpoint}: HTTP {response.status_code}")
-        if len(response.content) > MAX_ANSWER_BYTES:
-            raise IntrospectionError(f"POST {self.endpoint}: answer larger than {MAX_ANSWER_BYTES} bytes")
-        return json_object(response.content)
+            answer = self._fetch.post(url, body.encode(), content_type=content_type, accept=accept,
+                                      timeout=self._timeout, max_bytes=MAX_ANSWER_BYTES, headers=headers)
+        except FetchError as exc:
+            raise IntrospectionError(str(exc)) from exc
+        return json_object(answer)
 
     def close(self) -> None:
-        self._http.close()
+        self._fetch.close()
