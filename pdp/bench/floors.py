@@ -146,7 +146,9 @@ def http_app() -> Any:
 
 
 def serve_http(port: int, spec: Path, *, workers: int) -> None:
-    """The bare app under uvicorn with pdp's options, in ``workers`` processes sharing one socket."""
+    """The bare app under uvicorn with pdp's options, in ``workers`` processes sharing one socket; on uvicorn's
+    own h11 protocol, which writes a response's head and body apart (pdp's listener gathers them:
+    ``pdp.service.coalescing``)."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -154,7 +156,7 @@ def serve_http(port: int, spec: Path, *, workers: int) -> None:
     from pdp.service.server import uvicorn_options
 
     os.environ[HTTP_FLOOR_ENV] = str(spec)
-    options = {**uvicorn_options(Config.defaults()), "lifespan": "off", "log_level": "warning"}
+    options = {**uvicorn_options(Config.defaults()), "lifespan": "off", "log_level": "warning", "http": "h11"}
     config = uvicorn.Config("pdp.bench.floors:http_app", factory=True, host="127.0.0.1", port=port,
                             workers=workers, **options)
     if workers == 1:

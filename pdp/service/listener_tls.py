@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pdp.service.coalescing import CoalescingH11Protocol
 
 if TYPE_CHECKING:
     from pdp.certificates.revocation_list import RevocationList
@@ -123,7 +124,7 @@ def _module_level(cls: type[Any], name: str) -> type[Any]:
     return cls
 
 
-TlsH11Protocol = _module_level(tls_protocol(H11Protocol), "TlsH11Protocol")
+TlsH11Protocol = _module_level(tls_protocol(CoalescingH11Protocol), "TlsH11Protocol")
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 except ImportError:  # no websocket library installed: HTTP only

@@ -58,6 +58,7 @@ from pdp.request import CheckRequest
 from pdp.request_reader import RawRequest, Via
 from pdp.service.admin import Admin
 from pdp.service.brute_force import FailureLimiter
+from pdp.service.coalescing import CoalescingH11Protocol
 from pdp.service.decision_log import setup_logging
 from pdp.service.grpc_listener import GrpcListener, ListenError
 from pdp.service.inventory_flusher import InventoryFlusher
@@ -487,7 +488,7 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     # the bytes arrive): let through every head pdp's own limits judge, so the caller gets their reason.
     head = config.decision.max_header_bytes + config.decision.max_path_bytes + 16 * 1024
     options: dict[str, Any] = {"access_log": False, "lifespan": "on", "proxy_headers": False,
-                               "h11_max_incomplete_event_size": head}
+                               "h11_max_incomplete_event_size": head, "http": CoalescingH11Protocol}
     if config.server.tls is not None:
         options.update(uvicorn_ssl_options(config.server.tls), **tls_protocols())
     return options
