@@ -217,9 +217,25 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
         first = self._answer(request)
         if isinstance(first, bytes):
             return first
+        remaining = context.time_remaining() if context is not None else None
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._network, self._waited, first)
+            waiting = asyncio.get_running_loop().run_in_executor(self._network, self._waited, first)
+            if remaining is None or remaining == float("inf"):
+                return await waiting
+            # A call that ends at its deadline is an RPC error, which a failure_mode_allow gateway lets
+            # through: deny a little before it instead (the decision goes on in its thread, and is dropped).
+            return await asyncio.wait_for(asyncio.shield(waiting), max(remaining - DEADLINE_MARGIN, remaining / 2))
+        except TimeoutError:
+            log.warning("no decision before the caller's deadline; denying")
+            return self._refused(reasons.DECISION_TIMEOUT, "no decision before the caller's deadline", first)
         except Exception:  # the pool is shut (the listener stops): a deny all the same
+            log.exception("Check failed; denying")
+            return INTERNAL_ERROR_BYTES
+
+    def _refused(self, reason: Reason, detail: str, request: CheckRequest) -> bytes:
+        try:
+            return render(self._pdp().refuse(reason, detail, request))
+        except Exception:
             log.exception("Check failed; denying")
             return INTERNAL_ERROR_BYTES
 
@@ -253,11 +269,16 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
             return INTERNAL_ERROR_BYTES
 
 
+#: How long before a call's deadline a decision still waiting on the network is given up for a deny.
+DEADLINE_MARGIN = 0.05
+
 #: The largest ``CheckRequest`` pdp reads; a larger one is denied unread (``request_too_large``). The
 #: listener itself takes a message of any size, so that no size becomes an RPC error (grpcio's default
 #: limit is 4 MiB) that a ``failure_mode_allow: true`` gateway would let through.
 MAX_CHECK_REQUEST_BYTES = 64 * 1024 * 1024
-SERVER_OPTIONS = (("grpc.max_receive_message_length", -1),)
+#: No compressed message is taken (Envoy sends none): a few MiB of gzip would otherwise be inflated to any
+#: size, before the caller gate and before ``read_message`` could refuse it.
+SERVER_OPTIONS = (("grpc.max_receive_message_length", -1), ("grpc.compression_enabled_algorithms_bitset", 1))
 
 
 @dataclass(frozen=True, slots=True)

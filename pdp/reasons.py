@@ -110,6 +110,9 @@ POLICY_DENIED = _r("policy_denied", 403, description="denied by policy")
 POLICY_ERROR = _r("policy_error", 403, description="the policy could not be evaluated")
 #: ``policy.engine = "opa"``: the OPA server did not answer, or not with a decision, within ``policy.opa.timeout``.
 POLICY_UNAVAILABLE = _r("policy_unavailable", 503, description="the policy engine is unavailable; denied")
+#: A decision waiting on the network (key set, introspection, revocation, store, OPA) that would not be
+#: made before the caller's gRPC deadline: a deny answer, where the deadline would be an RPC error.
+DECISION_TIMEOUT = _r("decision_timeout", 503, description="no decision before the caller's deadline; denied")
 TOKEN_REQUIRED = _r("token_required", 401, None, True, "an access token is required")
 CERT_REQUIRED = _r("cert_required", 403, description="a client certificate is required")
 SCOPE_INSUFFICIENT = _r("insufficient_scope", 403, "insufficient_scope", True,

@@ -112,6 +112,7 @@ class GrpcListener:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._loop = asyncio.new_event_loop()
+        self._stopping = threading.Lock()  # one stop at a time: another waits for it, then finds it done
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdp-grpc-loop", daemon=True)
         self._thread.start()
         try:
@@ -167,7 +168,11 @@ class GrpcListener:
         """Let go of the server and what it left running, here on the loop: grpc.aio's objects are freed
         on the loop they belong to, while it still runs."""
         self._server = self._health = None
-        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        others = {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+        if others:
+            # grpc.aio's own tasks for the calls just ended finish by themselves (cancelled, some would print
+            # a traceback): only what is still pending after a moment is cancelled.
+            _, others = await asyncio.wait(others, timeout=1.0)
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
@@ -178,15 +183,18 @@ class GrpcListener:
         log.info("gRPC ext_authz listening on %s", self.address.rsplit(":", 1)[0] + f":{self.port}")
 
     def stop(self, grace: float = 2.0) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._on_loop(self._stop(grace))
-        finally:
-            self._close()
+        with self._stopping:
+            if self._loop.is_closed():
+                return
+            try:
+                self._on_loop(self._stop(grace))
+            finally:
+                self._close()
 
     def _close(self) -> None:
-        self._network.shutdown(wait=False, cancel_futures=True)
+        # A decision still waiting on the network ends within its own timeout (key set, introspection,
+        # revocation, store): wait for it, so that no thread outlives the listener and uses a closed Pdp.
+        self._network.shutdown(wait=True, cancel_futures=True)
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
