@@ -215,11 +215,14 @@ _REFUSALS = [
     b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ntransfer-encoding: chunked, identity\r\n\r\n0\r\n\r\n",
     b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ntransfer-encoding : chunked\r\n\r\n0\r\n\r\n",
     b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n\r\n",
+    # both framings (h11 takes Transfer-Encoding): pdp refuses it and closes (RFC 9112 §6.3), on every path
+    b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /ext_authz/x HTTP/1.1\r\nhost: pdp\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nhost: pdp\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n",
 ]
-# Taken by h11 (Transfer-Encoding wins over Content-Length; a bare LF ends the head): answered as uvicorn's
+# Taken by h11 (a bare LF ends the head, an obsolete folded line continues a header): answered as uvicorn's
 # own protocol answers them, one answer a request.
 _TOLERATED = [
-    b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
     b"GET / HTTP/1.1\r\nhost: pdp\r\n\n\r\n",
     b"GET / HTTP/1.1\r\nhost: pdp\r\n folded: x\r\n\r\n",
 ]

@@ -68,10 +68,24 @@ async def answer(send: Send, status: int, body: bytes, headers: Iterable[tuple[s
     await send({"type": "http.response.body", "body": body})
 
 
+#: The answer to a request framed twice, after which the connection is closed.
+FRAMED_TWICE = (b'{"allowed":false,"reason":"request_invalid","message":"a request with both Transfer-Encoding and '
+                b'Content-Length is refused"}')
+
+
+def framed_twice(scope: Scope) -> bool:
+    """Whether the request has both ``Transfer-Encoding`` and ``Content-Length``: RFC 9112 §6.3 lets a server
+    refuse it and requires it to close the connection after answering. A proxy in front may have framed the
+    body by the other header, and the bytes after the body be read as a request of their own (smuggling)."""
+    names = {name for name, _ in scope["headers"]}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
 class DecisionPaths:
     """ASGI: ``POST /v1/check`` and the auth sub-request prefix (any method) to their endpoints, the rest
     to ``app``. A path the router would not match the same way (a root path, a line break, which a
-    route's pattern does not cross) goes to ``app`` too, so both readings agree."""
+    route's pattern does not cross) goes to ``app`` too, so both readings agree. A request framed twice
+    (``framed_twice``) reaches neither: it is answered 400 and its connection closed."""
 
     def __init__(self, app: Endpoint, *, check: Endpoint, ext_authz: Endpoint, prefix: str) -> None:
         self._app = app
@@ -81,6 +95,8 @@ class DecisionPaths:
         self._under = prefix + "/"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and framed_twice(scope):
+            return await answer(send, 400, FRAMED_TWICE, [("connection", "close")], content_type="application/json")
         if scope["type"] == "http" and not scope.get("root_path"):
             path: str = scope["path"]
             if "\n" not in path:
