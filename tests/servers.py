@@ -30,24 +30,30 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_pdp(config: Config) -> Iterator[tuple[str, Service]]:
-    """Start the real service on a free loopback port; yield (base URL, service)."""
-    service = Service(config)
-    port = free_port()
-    server = uvicorn.Server(service.uvicorn_config("127.0.0.1", port, log_level="warning",
-                                                   timeout_graceful_shutdown=2))
+def serve_uvicorn(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
+    """Run ``config`` in a thread until the block ends; yield the started server."""
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("pdp did not start")
-        time.sleep(0.02)
+            raise RuntimeError("the listener did not start")
+        time.sleep(0.01)
     try:
-        yield f"{'https' if config.server.tls else 'http'}://127.0.0.1:{port}", service
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def serve_pdp(config: Config) -> Iterator[tuple[str, Service]]:
+    """Start the real service on a free loopback port; yield (base URL, service)."""
+    service = Service(config)
+    port = free_port()
+    with serve_uvicorn(service.uvicorn_config("127.0.0.1", port, log_level="warning", timeout_graceful_shutdown=2)):
+        yield f"{'https' if config.server.tls else 'http'}://127.0.0.1:{port}", service
 
 
 def wait_for(url: str, timeout: float = 20.0) -> None:

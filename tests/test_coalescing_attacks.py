@@ -11,7 +11,6 @@ import pickle
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from servers import free_port, serve_uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pdp.config import load_config
@@ -35,30 +35,14 @@ _CHECK = (b"POST /v1/check HTTP/1.1\r\nhost: pdp\r\ncontent-type: application/js
           b"content-length: %d\r\n\r\n%s" % (len(_BODY), _BODY))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _serve(app: Any, **options: Any) -> Iterator[tuple[int, uvicorn.Server]]:
     """uvicorn on a free loopback port in a thread, with ``options`` (``http=`` the protocol class)."""
-    port = _port()
+    port = free_port()
     options.setdefault("log_level", "critical")
     options.setdefault("timeout_graceful_shutdown", 2)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the listener did not start"
-        time.sleep(0.01)
-    try:
+    with serve_uvicorn(uvicorn.Config(app, host="127.0.0.1", port=port, **options)) as server:
         yield port, server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @contextmanager

@@ -25,6 +25,16 @@ def client(url: str, timeout: float = 2.0) -> IntrospectionClient:
                                timeout=timeout)
 
 
+def assert_refused(url: str, why: str, timeout: float = 2.0) -> None:
+    """Introspecting at ``url`` raises ``IntrospectionError`` matching ``why``."""
+    introspect = client(url, timeout)
+    try:
+        with pytest.raises(IntrospectionError, match=why):
+            introspect("opaque-token")
+    finally:
+        introspect.close()
+
+
 def test_an_answer_is_read_with_the_clients_authentication() -> None:
     asked: list[bytes] = []
 
@@ -59,12 +69,7 @@ def test_a_compressed_answer_is_refused_unread() -> None:
     head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n" \
            f"content-length: {len(bomb)}\r\n\r\n".encode()
     with RawServer(answer(head, bomb)) as raw:
-        introspect = client(raw.url)
-        try:
-            with pytest.raises(IntrospectionError, match="content-encoding"):
-                introspect("opaque-token")
-        finally:
-            introspect.close()
+        assert_refused(raw.url, "content-encoding")
 
 
 def test_an_endless_answer_is_refused_past_the_limit() -> None:
@@ -74,12 +79,7 @@ def test_an_endless_answer_is_refused_past_the_limit() -> None:
             conn.sendall(b" " * 4096)
 
     with RawServer(endless) as raw:
-        introspect = client(raw.url)
-        try:
-            with pytest.raises(IntrospectionError, match="larger than"):
-                introspect("opaque-token")
-        finally:
-            introspect.close()
+        assert_refused(raw.url, "larger than")
 
 
 def test_a_trickled_answer_ends_at_the_timeout() -> None:
@@ -91,13 +91,8 @@ def test_a_trickled_answer_ends_at_the_timeout() -> None:
             time.sleep(0.1)
 
     with RawServer(trickle) as raw:
-        introspect = client(raw.url, timeout=0.8)
         started = time.monotonic()
-        try:
-            with pytest.raises(IntrospectionError, match="within"):
-                introspect("opaque-token")
-        finally:
-            introspect.close()
+        assert_refused(raw.url, "within", timeout=0.8)
     assert time.monotonic() - started < 3
 
 
