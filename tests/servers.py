@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +70,14 @@ def wait_for(url: str, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that gave up and went away (pdp past its timeout) is no error worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class JwksServer:
     """Serves ``/.well-known/oauth-authorization-server`` and ``/jwks.json``; counts JWKS fetches."""
 
@@ -101,7 +110,7 @@ class JwksServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.issuer = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
